@@ -1,0 +1,69 @@
+"""Typed configuration, validated once at the edge (CLI, servers, engine constructor)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; servers map it to INVALID_ARGUMENT / HTTP 400."""
+
+
+def describe(err: ValidationError) -> str:
+    """One readable line per problem, instead of pydantic's multi-line report."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "value"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+class SamplingParams(BaseModel):
+    """How to pick tokens for one request. temperature 0 means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @classmethod
+    def make(cls, **kwargs) -> "SamplingParams":
+        """Build from untrusted input; raise InvalidRequest with a one-line message."""
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid sampling parameters: {describe(e)}") from None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class EngineConfig(BaseModel):
+    """Everything an engine replica needs to start."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    mode: Literal["ar", "tidar"] = "ar"
+    block_size: int = Field(16, ge=1, description="tokens per paged KV block")
+    kv_cache_bytes: int = Field(256 << 20, ge=1 << 16, description="memory budget of the KV pool")
+    max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
+    max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one step")
+    max_model_len: int | None = Field(None, ge=2, description="defaults to the model's context")
+
+    @classmethod
+    def make(cls, **kwargs) -> "EngineConfig":
+        try:
+            return cls(**{k: v for k, v in kwargs.items() if v is not None})
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid engine configuration: {describe(e)}") from None

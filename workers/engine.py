@@ -1,0 +1,178 @@
+"""The native engine: add_request / step / abort, and a blocking generate.
+
+A step reads schedule -> run -> postprocess, as in nano-vllm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from pathlib import Path
+
+import torch
+
+from workers.attention import KVCache
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig, InvalidRequest, SamplingParams
+from workers.loader import load_tokenizer
+from workers.model_runner import DTYPES, ModelRunner, StepLayout
+from workers.models import load_model
+from workers.request import Request, RequestOutput, Status
+from workers.sampler import make_generator, sample
+from workers.scheduler import Scheduled, Scheduler
+
+
+def eos_token_ids(model_dir: str, hf_cfg) -> set[int]:
+    ids: set[int] = set()
+    sources = [getattr(hf_cfg, "eos_token_id", None)]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    for s in sources:
+        if isinstance(s, int):
+            ids.add(s)
+        elif isinstance(s, list):
+            ids.update(int(x) for x in s)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        dtype = DTYPES[config.dtype]
+        self.model, self.hf_config = load_model(config.model, dtype, config.device)
+        self.tokenizer = load_tokenizer(config.model)
+        self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+
+        c = self.hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_block = KVCache.bytes_per_block(c.num_hidden_layers, config.block_size, c.num_key_value_heads, head_dim, dtype)
+        num_blocks = config.kv_cache_bytes // per_block
+        if num_blocks < 2:
+            raise InvalidRequest(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks of {per_block} bytes")
+        model_len = getattr(c, "max_position_embeddings", 1 << 30)
+        # one request alone must always fit in the pool, or preemption could never make progress
+        self.max_model_len = min(config.max_model_len or model_len, model_len, num_blocks * config.block_size)
+
+        self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, c, block_size=config.block_size, num_blocks=num_blocks,
+                                  num_state_slots=config.max_num_seqs, dtype=dtype, device=config.device)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this model directory has no tokenizer.json; pass prompt token ids instead")
+            return self.tokenizer.encode(prompt).ids
+        return list(prompt)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises InvalidRequest without touching other requests."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                "(including at least one generated token)")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        req = Request(request_id, ids, params, next(self._arrivals),
+                      generator=make_generator(params, self.config.device))
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        layouts = [self._layout(s) for s in batch]
+        logits = self.runner.forward(layouts, [s.request.num_computed_tokens for s in batch],
+                                     [s.request.block_table for s in batch], [s.request.state_slot for s in batch])
+        self.runner.commit([len(l.token_ids) - 1 for l in layouts])
+        outputs, row = [], 0
+        sampling = [s.samples for s in batch]
+        for s, samples in zip(batch, sampling):
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            if not samples:
+                continue
+            token = int(sample(logits[row : row + 1], req.params, req.generator)[0])
+            row += 1
+            outputs.append(self._append(req, [token]))
+        return outputs
+
+    def _layout(self, s: Scheduled) -> StepLayout:
+        req = s.request
+        start = req.num_computed_tokens
+        return StepLayout.causal(req.all_token_ids[start : start + s.num_tokens], start, s.samples)
+
+    def _append(self, req: Request, tokens: list[int]) -> RequestOutput:
+        """Add tokens up to the first stop condition; finish the request there."""
+        p = req.params
+        kept, reason = [], None
+        for t in tokens:
+            kept.append(t)
+            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_token_ids):
+                reason = "stop"
+            elif len(req.output_token_ids) + len(kept) >= p.max_tokens or req.num_tokens + len(kept) >= self.max_model_len:
+                reason = "length"
+            if reason:
+                break
+        req.output_token_ids.extend(kept)
+        req.stats.forwards += 1
+        req.stats.generated_tokens += len(kept)
+        if reason:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.request_id, None)
+        return self.output_of(req, kept)
+
+    def output_of(self, req: Request, new_tokens: list[int]) -> RequestOutput:
+        return RequestOutput(req.request_id, new_tokens, req.finished, req.finish_reason, req.prompt_token_ids,
+                             list(req.output_token_ids), req.stats.as_dict())
+
+    # ---- convenience -------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion together; results in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def kv_usage(self) -> float:
+        return self.blocks.usage()
+
+    def num_running(self) -> int:
+        return sum(1 for r in self.scheduler.running if r.status is Status.RUNNING)

@@ -1,0 +1,72 @@
+"""Reads HF-format model directories exactly as `transformers.save_pretrained` writes them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+
+
+class ModelLoadError(ValueError):
+    """The model directory is missing, incomplete or not a model we can run."""
+
+
+def load_hf_config(model_dir: str | Path) -> SimpleNamespace:
+    """config.json as attributes; nested dicts stay dicts."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json; expected an HF-format model directory")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not raw.get("architectures"):
+        raise ModelLoadError(f"{cfg_file} names no 'architectures'")
+    return SimpleNamespace(**raw)
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: single file, or shards listed in the index."""
+    path = Path(model_dir)
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{index} is malformed: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"checkpoint shards missing: {', '.join(missing)}")
+        return files
+    raise ModelLoadError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except OSError as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from None
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The `tokenizers` tokenizer from tokenizer.json, or None when the directory has none."""
+    file = Path(model_dir) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(file))

@@ -1,0 +1,83 @@
+"""Model registry: HF architecture name -> our implementation, and weight loading by name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from workers.loader import ModelLoadError, iter_weights, load_hf_config
+
+
+def _registry() -> dict[str, type[nn.Module]]:
+    from workers.models.qwen3 import Qwen3ForCausalLM
+    from workers.models.qwen3_moe import Qwen3MoeForCausalLM
+    from workers.models.zaya import ZayaForCausalLM
+
+    return {
+        "ZayaForCausalLM": ZayaForCausalLM,
+        "Qwen3ForCausalLM": Qwen3ForCausalLM,
+        "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    }
+
+
+SUPPORTED_ARCHITECTURES = ("ZayaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+# HF checkpoints store Qwen3-MoE experts one by one; we keep them fused like ZAYA's.
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if m := _PER_EXPERT.match(name):
+            prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+            if kind == "down_proj":
+                target, rows = params[f"{prefix}.down_proj"][e], slice(None)
+            else:
+                target = params[f"{prefix}.gate_up_proj"][e]
+                half = target.shape[0] // 2
+                rows = slice(0, half) if kind == "gate_proj" else slice(half, None)
+            with torch.no_grad():
+                target[rows].copy_(tensor)
+            loaded.add(f"{prefix}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
+            continue
+        if name not in params:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ModelLoadError(f"checkpoint weight {name!r} does not belong to {type(model).__name__}")
+        if params[name].shape != tensor.shape:
+            raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        loaded.add(name)
+    if "lm_head.weight" not in loaded and getattr(model, "tie_word_embeddings", False):
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    expected = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, object]:
+    """Instantiate the model named by config.json and load its weights; returns (model, hf_config)."""
+    cfg = load_hf_config(model_dir)
+    arch = cfg.architectures[0]
+    registry = _registry()
+    if arch not in registry:
+        raise ModelLoadError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    try:
+        with torch.device("meta"):
+            model = registry[arch](cfg)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"config.json does not describe a valid {arch}: {e}") from None
+    model = model.to_empty(device=device)
+    load_weights(model, iter_weights(model_dir))
+    return model.to(dtype).eval(), cfg
+

@@ -1,0 +1,243 @@
+"""ZAYA1 (HF `model_type: zaya`): CCA attention, top-1 MoE with a skip expert and EDA router, fp32 residual.
+
+Module and parameter names mirror the HF checkpoint, so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention import AttentionMetadata, KVCache, paged_attention
+from workers.models.layers import Experts, RMSNorm, Rotary, rope_settings
+
+
+class CCAState:
+    """Per-request recurrent state of every CCA layer, kept in slots beside the paged KV.
+
+    conv[l][slot] holds the pre-convolution [q;k] of the last two committed tokens (older, newer);
+    v[l][slot] the delayed value projection of the last one. A forward only reads it; `commit`
+    writes it once the step knows which token is the last one kept (rollback = not committing).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, conv_channels: int, v_dim: int,
+                 dtype: torch.dtype, device):
+        self.conv = [torch.zeros(num_slots, 2, conv_channels, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(num_slots, v_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = [None] * num_layers  # type: ignore[list-item]
+
+    def commit(self, meta: AttentionMetadata, last_index: torch.Tensor) -> None:
+        """last_index: [B] long, flat index of each request's last kept token in the last forward."""
+        base = 1 + 2 * meta.num_requests
+        own = base + last_index
+        prev = meta.conv_index[last_index, 1]
+        for layer, (qk_ext, v_ext) in enumerate(self.pending):
+            self.conv[layer][meta.state_slots] = torch.stack([qk_ext[prev], qk_ext[own]], dim=1)
+            self.v[layer][meta.state_slots] = v_ext[own]
+        self.pending = [None] * len(self.pending)  # type: ignore[list-item]
+
+
+class ZayaCCAProjection(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        bias = getattr(cfg, "attention_bias", False)
+        if (getattr(cfg, "cca_time0", 2), getattr(cfg, "cca_time1", 2)) != (2, 2):
+            raise ValueError("ZAYA CCA is supported with cca_time0 = cca_time1 = 2 only")
+        self.q_proj = nn.Linear(h, self.hq * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.hkv * d, bias=bias)
+        self.v_proj_current = nn.Linear(h, self.hkv * d // 2, bias=bias)
+        self.v_proj_delayed = nn.Linear(h, self.hkv * d // 2, bias=bias)
+        c = (self.hq + self.hkv) * d
+        self.conv_qk_depthwise = nn.Conv1d(c, c, kernel_size=2, groups=c)
+        self.conv_qk_grouped = nn.Conv1d(c, c, kernel_size=2, groups=self.hq + self.hkv)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, state: CCAState, layer: int):
+        # x: [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]
+        t = x.shape[0]
+        q, k = self.q_proj(x), self.k_proj(x)
+        groups = self.hq // self.hkv
+        q_res = (q.view(t, self.hq, self.d) + k.view(t, self.hkv, 1, self.d).expand(-1, -1, groups, -1)
+                 .reshape(t, self.hq, self.d)) * 0.5
+        k_res = q_res.view(t, self.hkv, groups, self.d).mean(dim=2)
+
+        # Causal conv (two kernel-2 convs) over each token's own branch: (two back, one back, itself).
+        slots = meta.state_slots
+        qk = torch.cat([q, k], dim=-1)  # [T, C]
+        qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), state.conv[layer][slots].flatten(0, 1), qk])
+        window = qk_ext[meta.conv_index].transpose(1, 2)  # [T, C, 3]
+        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(window)).squeeze(-1)  # [T, C]
+        q = mixed[:, : self.hq * self.d].view(t, self.hq, self.d) + q_res
+        k = mixed[:, self.hq * self.d :].view(t, self.hkv, self.d) + k_res
+
+        # Values: half from this token, half (delayed projection) from the token one back.
+        delayed = self.v_proj_delayed(x)  # [T, D*Hkv/2]
+        cold = self.v_proj_delayed(x.new_zeros(1, x.shape[1]))
+        v_ext = torch.cat([cold, state.v[layer][slots].repeat_interleave(2, dim=0), delayed])
+        v = torch.cat([self.v_proj_current(x), v_ext[meta.conv_index[:, 1]]], dim=-1).view(t, self.hkv, self.d)
+        state.pending[layer] = (qk_ext, v_ext)
+        return q, k, v
+
+
+class ZayaQKNorm(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.scale = cfg.head_dim**0.5
+        self.temp = nn.Parameter(torch.zeros(cfg.num_key_value_heads))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor):
+        eps = torch.finfo(q.dtype).eps
+        q = q * (self.scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (self.scale / k.norm(dim=-1, keepdim=True).clamp_min(eps))
+        return q, k * self.temp[None, :, None]
+
+
+class ZayaAttention(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.qkv_proj = ZayaCCAProjection(cfg)
+        self.qk_norm = ZayaQKNorm(cfg)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                bias=getattr(cfg, "attention_bias", False))
+        layer_type = cfg.layer_types[layer] if getattr(cfg, "layer_types", None) else "hybrid"
+        if layer_type != "hybrid":
+            raise ValueError(f"ZAYA layer type {layer_type!r} (sliding window) is not supported yet")
+        theta, partial = rope_settings(cfg, layer_type)
+        self.rotary = Rotary(cfg.head_dim, theta, partial)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, positions, meta: AttentionMetadata, kv: KVCache, state: CCAState):
+        q, k, v = self.qkv_proj(x, meta, state, self.layer)
+        q, k = self.qk_norm(q, k)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta, self.scale)
+        return self.o_proj(out.flatten(1))
+
+
+class ZayaResidualScaling(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden_states_scale = nn.Parameter(torch.ones(hidden))
+        self.hidden_states_bias = nn.Parameter(torch.zeros(hidden))
+        self.residual_scale = nn.Parameter(torch.ones(hidden))
+        self.residual_bias = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # residual stays fp32; the sum promotes to fp32
+        return (h + self.hidden_states_bias) * self.hidden_states_scale + (residual + self.residual_bias) * self.residual_scale
+
+
+class ZayaRouterMLP(nn.Module):
+    def __init__(self, dim: int, num_classes: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.fc2(F.gelu(self.fc1(self.norm(x))))))
+
+
+class ZayaRouter(nn.Module):
+    """Top-1 over E experts + 1 skip; the balancing biases steer the choice only (EDA: adds the
+    previous layer's router state)."""
+
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.down_proj = nn.Linear(cfg.hidden_size, cfg.router_hidden_size)
+        self.use_eda = layer != 0
+        if self.use_eda:
+            self.router_states_scale = nn.Parameter(torch.ones(cfg.router_hidden_size))
+        self.router_mlp = ZayaRouterMLP(cfg.router_hidden_size, cfg.num_experts + 1, cfg.rms_norm_eps)
+        biases = torch.zeros(cfg.num_experts + 1)
+        biases[-1] = -1.0
+        self.register_buffer("balancing_biases", biases)
+
+    def forward(self, x: torch.Tensor, prev_state: torch.Tensor | None):
+        # x: [T, H] -> expert ids [T, 1] (-1 = skip), weights [T, 1], router state [T, R]
+        r = self.down_proj(x)
+        if self.use_eda and prev_state is not None:
+            r = r + prev_state * self.router_states_scale
+        probs = torch.softmax(self.router_mlp(r), dim=-1)
+        choice = (probs.float() + self.balancing_biases.float()).argmax(dim=-1, keepdim=True)
+        weights = probs.gather(1, choice)
+        ids = torch.where(choice == self.num_experts, -1, choice)
+        return ids, weights, r
+
+
+class ZayaSparseMoeBlock(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        if getattr(cfg, "num_experts_per_tok", 1) != 1:
+            raise ValueError("ZAYA supports num_experts_per_tok = 1 only")
+        self.gate = ZayaRouter(cfg, layer)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor, prev_state: torch.Tensor | None):
+        ids, weights, state = self.gate(x, prev_state)
+        return self.experts(x, ids, weights), state
+
+
+class ZayaDecoderLayer(nn.Module):
+    def __init__(self, cfg, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = ZayaAttention(cfg, layer)
+        self.post_attention_residual_scale = ZayaResidualScaling(cfg.hidden_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = ZayaSparseMoeBlock(cfg, layer)
+        self.post_mlp_residual_scale = ZayaResidualScaling(cfg.hidden_size)
+
+    def forward(self, residual, router_state, positions, meta, kv, state):
+        dtype = self.input_layernorm.weight.dtype
+        h = self.self_attn(self.input_layernorm(residual.to(dtype)), positions, meta, kv, state)
+        residual = self.post_attention_residual_scale(h, residual)
+        h, router_state = self.mlp(self.post_attention_layernorm(residual.to(dtype)), router_state)
+        return self.post_mlp_residual_scale(h, residual), router_state
+
+
+class ZayaModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.layers = nn.ModuleList(ZayaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class ZayaForCausalLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = ZayaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=getattr(cfg, "lm_head_bias", False))
+        self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", True)
+
+    def make_state(self, num_slots: int, dtype: torch.dtype, device) -> CCAState:
+        c = self.cfg
+        return CCAState(c.num_hidden_layers, num_slots, (c.num_attention_heads + c.num_key_value_heads) * c.head_dim,
+                        c.num_key_value_heads * c.head_dim // 2, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv: KVCache,
+        state: CCAState,
+    ) -> torch.Tensor:  # [T, H]
+        m = self.model
+        h = ((m.embed_tokens(input_ids) + m.input_hidden_states_bias) * m.input_hidden_states_scale).float()
+        router_state = None
+        for layer in m.layers:
+            h, router_state = layer(h, router_state, positions, meta, kv, state)
+        return m.norm(h.to(m.norm.weight.dtype))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] fp32
+        return self.lm_head(hidden).float()
