@@ -1,0 +1,72 @@
+"""`tidal` command line: generate (offline, one request)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "zaya-tiny-random"
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("--prompt-token-ids takes comma-separated integers, e.g. 1,2,3") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="Serve and run block-diffusion LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a completion for one prompt, offline")
+    g.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-format model directory (default: shipped model)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt-token-ids", type=_token_ids, help="comma-separated prompt token ids")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.add_argument("--mode", choices=["ar"], default="ar")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from workers.config import EngineConfig, InvalidRequest, SamplingParams
+    from workers.engine import LLMEngine
+    from workers.loader import ModelLoadError
+
+    try:
+        params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                     top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode))
+        prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
+        out = engine.generate([prompt], params)[0]
+    except (InvalidRequest, ModelLoadError) as e:
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 2
+    text = engine.decode(out.output_token_ids)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": out.output_token_ids, "prompt_token_ids": out.prompt_token_ids,
+                          "finish_reason": out.finish_reason, "stats": out.stats}))
+    else:
+        print(text if engine.tokenizer is not None else " ".join(map(str, out.output_token_ids)))
+        s = out.stats
+        print(f"[{s['generated_tokens']} tokens, {s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward, "
+              f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"generate": cmd_generate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
