@@ -32,7 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--mode", choices=["ar"], default="ar")
+    g.add_argument("--mode", choices=["ar", "tidar"], default="ar")
+    g.add_argument("--block-size", type=int, help="TiDAR drafts per step, K (default 16)")
+    g.add_argument("--levels", type=_token_ids, help="TiDAR proposal levels, e.g. 0,4,8,16")
+    g.add_argument("--two-forward", action="store_true", help="verify pass, then a separate draft pass")
+    g.add_argument("--sampler", choices=["lossless", "mix"], help="TiDAR acceptance rule (default lossless)")
+    g.add_argument("--mix-weight", type=float, help="logit-mixing weight w of the AR logits (default 0.5)")
+    g.add_argument("--draft-temperature", type=float, help="0: argmax drafts; > 0: sampled drafts")
+    g.add_argument("--mask-token-id", type=int, help="mask token, when config.json names none")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser
 
@@ -45,7 +52,11 @@ def cmd_generate(args) -> int:
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode))
+        tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels, two_forward=args.two_forward or None,
+                                        sampler=args.sampler, mix_weight=args.mix_weight,
+                                        draft_temperature=args.draft_temperature,
+                                        mask_token_id=args.mask_token_id).items() if v is not None}
+        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]
     except (InvalidRequest, ModelLoadError) as e:

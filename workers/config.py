@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class InvalidRequest(ValueError):
@@ -46,6 +46,54 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+class DraftRule(BaseModel):
+    """While at most `max_batch` requests decode together, draft `block_size` tokens with these levels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_batch: int = Field(ge=1)
+    block_size: int = Field(ge=1, le=64)
+    levels: tuple[int, ...]
+
+    @model_validator(mode="after")
+    def _levels(self) -> "DraftRule":
+        if 0 not in self.levels:
+            raise ValueError("levels must contain 0 (without it acceptance collapses)")
+        if any(not 0 <= p <= self.block_size for p in self.levels) or len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"levels must be distinct values in [0, block_size={self.block_size}]")
+        return self
+
+
+class TidarConfig(BaseModel):
+    """Block-diffusion decoding options (used when EngineConfig.mode is 'tidar')."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    block_size: int = Field(16, ge=1, le=64, description="K: drafts verified per step")
+    levels: tuple[int, ...] = (0, 4, 8, 16)
+    sampler: Literal["lossless", "mix"] = "lossless"
+    mix_weight: float = Field(0.5, gt=0.0, le=1.0, description="w in w * z_AR + (1 - w) * z_D")
+    draft_temperature: float = Field(0.0, ge=0.0, description="0: point-mass drafts (argmax); > 0: sampled with q")
+    two_forward: bool = False
+    mask_token_id: int | None = Field(None, ge=0, description="overrides the checkpoint's mask token")
+    schedule: tuple[DraftRule, ...] | None = Field(
+        None, description="load-aware drafting; default: full K and levels at batch <= 4, then smaller, then AR")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "TidarConfig":
+        DraftRule(max_batch=1, block_size=self.block_size, levels=self.levels)
+        return self
+
+    def rules(self) -> tuple[DraftRule, ...]:
+        if self.schedule is not None:
+            return self.schedule
+        k, lv = self.block_size, self.levels
+        half = max(1, k // 2)
+        return (DraftRule(max_batch=4, block_size=k, levels=lv),
+                DraftRule(max_batch=16, block_size=half, levels=tuple(p for p in lv if p <= half) or (0,)),
+                DraftRule(max_batch=32, block_size=max(1, k // 4), levels=(0,)))
+
+
 class EngineConfig(BaseModel):
     """Everything an engine replica needs to start."""
 
@@ -60,6 +108,7 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one step")
     max_model_len: int | None = Field(None, ge=2, description="defaults to the model's context")
+    tidar: TidarConfig = TidarConfig()
 
     @classmethod
     def make(cls, **kwargs) -> "EngineConfig":

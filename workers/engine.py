@@ -19,7 +19,8 @@ from workers.loader import load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, StepLayout
 from workers.models import load_model
 from workers.request import Request, RequestOutput, Status
-from workers.sampler import make_generator, sample
+from workers import tidar
+from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
 
 
@@ -56,8 +57,17 @@ class LLMEngine:
         # one request alone must always fit in the pool, or preemption could never make progress
         self.max_model_len = min(config.max_model_len or model_len, model_len, num_blocks * config.block_size)
 
+        self.mask_token_id = tidar.resolve_mask_token(c, config.tidar.mask_token_id)
+        if config.mode == "tidar" and self.mask_token_id is None:
+            raise InvalidRequest(
+                f"tidar mode needs a mask token, and {config.model}/config.json names none "
+                f"(looked for {', '.join(tidar.MASK_TOKEN_ATTRS)}); add one there or pass --mask-token-id")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < c.vocab_size:
+            raise InvalidRequest(f"mask token id {self.mask_token_id} is outside the vocabulary (size {c.vocab_size})")
+        rules = config.tidar.rules() if config.mode == "tidar" else ()
         self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, rules, config.tidar.two_forward)
         self.runner = ModelRunner(self.model, c, block_size=config.block_size, num_blocks=num_blocks,
                                   num_state_slots=config.max_num_seqs, dtype=dtype, device=config.device)
         self.requests: dict[str, Request] = {}
@@ -109,29 +119,53 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """schedule -> one forward -> accept/sample -> commit KV and state (-> draft pass, two-forward mode)."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        layouts = [self._layout(s) for s in batch]
-        logits = self.runner.forward(layouts, [s.request.num_computed_tokens for s in batch],
-                                     [s.request.block_table for s in batch], [s.request.state_slot for s in batch])
-        self.runner.commit([len(l.token_ids) - 1 for l in layouts])
-        outputs, row = [], 0
-        sampling = [s.samples for s in batch]
-        for s, samples in zip(batch, sampling):
+        layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
+                   StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
+        logits = self._forward(batch, layouts)
+        outcomes, row = [], 0
+        for s, lay in zip(batch, layouts):
+            rows = logits[row : row + len(lay.logit_rows)]
+            row += len(lay.logit_rows)
+            outcomes.append(tidar.accept(s, rows, self.config.tidar) if s.samples else None)
+        self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes)])
+
+        outputs, redraft = [], []
+        for s, o in zip(batch, outcomes):
             req = s.request
-            req.num_computed_tokens += s.num_tokens
-            if not samples:
+            if o is None:
+                req.num_computed_tokens += s.num_tokens
                 continue
-            token = int(sample(logits[row : row + 1], req.params, req.generator)[0])
-            row += 1
-            outputs.append(self._append(req, [token]))
+            req.num_computed_tokens += o.last_kept + 1
+            self.blocks.trim(req, req.num_computed_tokens)  # KV rollback of the rejected drafts
+            outputs.append(self._append(req, o.tokens))
+            if self.config.tidar.two_forward and s.num_drafts and not req.finished:
+                redraft.append(s)
+        if redraft:
+            self._draft_pass(redraft)
         return outputs
 
-    def _layout(self, s: Scheduled) -> StepLayout:
-        req = s.request
-        start = req.num_computed_tokens
-        return StepLayout.causal(req.all_token_ids[start : start + s.num_tokens], start, s.samples)
+    def _known(self, s: Scheduled) -> list[int]:
+        start = s.request.num_computed_tokens
+        return s.request.all_token_ids[start : start + s.num_tokens]
+
+    def _forward(self, batch: list[Scheduled], layouts: list[StepLayout]) -> torch.Tensor:
+        reqs = [s.request for s in batch]
+        return self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
+                                   [r.state_slot for r in reqs])
+
+    def _draft_pass(self, batch: list[Scheduled]) -> None:
+        """Two-forward mode: draft K tokens after each new anchor from the committed state."""
+        layouts = [tidar.draft_pass_layout(s, self.mask_token_id) for s in batch]
+        logits = self._forward(batch, layouts)
+        row = 0
+        for s, lay in zip(batch, layouts):
+            tidar.set_drafts(s, logits[row + 1 : row + len(lay.logit_rows)], self.config.tidar)
+            row += len(lay.logit_rows)
+            s.request.stats.forwards += 1
 
     def _append(self, req: Request, tokens: list[int]) -> RequestOutput:
         """Add tokens up to the first stop condition; finish the request there."""

@@ -18,13 +18,43 @@ class Status(enum.Enum):
 
 @dataclass
 class RequestStats:
-    forwards: int = 0  # forward passes that emitted tokens for this request
+    forwards: int = 0  # forward passes spent on decoding this request (incl. TiDAR draft passes)
     generated_tokens: int = 0
     preemptions: int = 0
+    verify_steps: int = 0  # steps that verified at least one draft
+    drafted: int = 0
+    accepted: int = 0
+    offered_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    levels_chosen: dict[int, int] = field(default_factory=dict)
+
+    def record_verify(self, offered: int, accepted: int, level: int | None) -> None:
+        if offered:
+            self.verify_steps += 1
+            self.drafted += offered
+            self.accepted += accepted
+            grow = offered - len(self.offered_by_position)
+            if grow > 0:
+                self.offered_by_position += [0] * grow
+                self.accepted_by_position += [0] * grow
+            for i in range(offered):
+                self.offered_by_position[i] += 1
+                self.accepted_by_position[i] += i < accepted
+        if level is not None:
+            self.levels_chosen[level] = self.levels_chosen.get(level, 0) + 1
 
     def as_dict(self) -> dict:
         tpf = self.generated_tokens / self.forwards if self.forwards else 0.0
-        return {"forwards": self.forwards, "generated_tokens": self.generated_tokens, "tokens_per_forward": tpf}
+        out = {"forwards": self.forwards, "generated_tokens": self.generated_tokens, "tokens_per_forward": tpf}
+        if self.drafted or self.levels_chosen:
+            out.update(
+                drafted=self.drafted,
+                accepted=self.accepted,
+                acceptance_by_position=[a / o for a, o in zip(self.accepted_by_position, self.offered_by_position)],
+                mean_acceptance_length=1 + self.accepted / self.verify_steps if self.verify_steps else 1.0,
+                levels_chosen={str(k): v for k, v in sorted(self.levels_chosen.items())},
+            )
+        return out
 
 
 @dataclass(eq=False)
@@ -41,6 +71,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None  # per-request RNG, seeded when params.seed is set
+    drafts: list[int] = field(default_factory=list)  # TiDAR drafts for the positions after the anchor
+    draft_logits: torch.Tensor | None = None  # [len(drafts), V]: the diffusion logits behind them
 
     @property
     def all_token_ids(self) -> list[int]:

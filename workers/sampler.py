@@ -44,3 +44,53 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return logits.argmax(dim=-1)
     return sample_rows(target_probs(logits, params), generator)
+
+
+def draft(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> list[int]:
+    """[k, V] diffusion logits -> k drafts: argmax (point mass) at temperature 0, else sampled from q."""
+    if temperature == 0.0 or generator is None:
+        return logits.argmax(dim=-1).tolist()
+    return sample_rows(torch.softmax(logits.float() / temperature, dim=-1), generator).tolist()
+
+
+def verify(
+    ar_logits: torch.Tensor,  # [k + 1, V]: row i is the AR distribution for draft i + 1 (row k: the bonus)
+    drafts: list[int],  # k
+    draft_logits: torch.Tensor | None,  # [k, V]: the diffusion logits that produced the drafts
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    draft_temperature: float = 0.0,
+    mix_weight: float = 1.0,
+) -> tuple[int, int]:
+    """Accept a prefix of the drafts; return (n accepted, the token sampled after them).
+
+    Lossless at mix_weight 1: greedy keeps drafts equal to the AR argmax; at T > 0 a point-mass draft is
+    kept with probability p(d) (else resample from p without d), a sampled draft with min(1, p/q) (else
+    resample from max(0, p - q)). Mixing replaces the draft rows' logits by w z_AR + (1 - w) z_D.
+    """
+    k = len(drafts)
+    z = ar_logits.float()
+    if mix_weight < 1.0 and k:
+        z = torch.cat([mix_weight * z[:k] + (1 - mix_weight) * draft_logits.float(), z[k:]])
+    if params.greedy:
+        best = z.argmax(dim=-1).tolist()
+        n = next((i for i, d in enumerate(drafts) if d != best[i]), k)
+        return n, best[n]
+    p = target_probs(z, params)
+    sampled = draft_temperature > 0.0
+    for i, d in enumerate(drafts):
+        u = float(torch.rand(1, generator=generator))
+        if sampled:
+            q = torch.softmax(draft_logits[i].float() / draft_temperature, dim=-1)
+            if u * q[d] < p[i, d]:
+                continue
+            residual = (p[i] - q).clamp_min(0.0)
+        else:
+            if u < p[i, d]:
+                continue
+            residual = p[i].clone()
+            residual[d] = 0.0
+        if residual.sum() <= 0:  # p and q coincide on the support: any draw from p is exact
+            residual = p[i]
+        return i, int(sample_rows((residual / residual.sum())[None], generator)[0])
+    return k, int(sample_rows(p[k : k + 1], generator)[0])

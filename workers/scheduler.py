@@ -1,9 +1,13 @@
 """Continuous batching under a per-step token budget.
 
 Each step: running requests first (FIFO), each fed its next chunk of uncomputed tokens (a prefill
-chunk, or the one new token of a decode); then waiting requests are admitted in arrival order while
-the budget, a running slot and free KV blocks allow. When blocks run out, the most recently arrived
+chunk, or the anchor of a decode); then waiting requests are admitted in arrival order while the
+budget, a running slot and free KV blocks allow. When blocks run out, the most recently arrived
 running request is preempted (its blocks freed; it is recomputed later from its tokens).
+
+TiDAR: a chunk that reaches the anchor also carries up to K drafts to verify and one proposal block
+of K+1 mask slots per level. K and the levels follow the load: the first rule of the draft schedule
+whose batch limit and token cost fit is used, and past the last rule decoding is plain AR.
 """
 
 from __future__ import annotations
@@ -12,13 +16,21 @@ from collections import deque
 from dataclasses import dataclass
 
 from workers.block_manager import BlockManager
+from workers.config import DraftRule
 from workers.request import Request, Status
 
 
 @dataclass
 class Scheduled:
     request: Request
-    num_tokens: int  # tokens fed this step, starting at request.num_computed_tokens
+    num_tokens: int  # known tokens fed this step, starting at request.num_computed_tokens
+    num_drafts: int = 0  # TiDAR drafts verified after them
+    levels: tuple[int, ...] = ()  # TiDAR proposal blocks
+    block_len: int = 0  # slots per proposal block (K + 1)
+
+    @property
+    def cost(self) -> int:
+        return self.num_tokens + self.num_drafts + self.block_len * len(self.levels)
 
     @property
     def samples(self) -> bool:
@@ -27,10 +39,14 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 draft_rules: tuple[DraftRule, ...] = (), two_forward: bool = False):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.draft_rules = draft_rules
+        self.two_forward = two_forward  # decode steps verify only; a second forward drafts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -40,35 +56,63 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def draft_rule(self, batch: int) -> DraftRule | None:
+        """The first rule whose batch limit holds and whose whole-batch cost fits the budget; None = AR."""
+        for rule in self.draft_rules:
+            cost = (rule.block_size + 1) * (len(rule.levels) + 1)
+            if batch <= rule.max_batch and batch * cost <= self.max_num_batched_tokens:
+                return rule
+        return None
+
     def schedule(self) -> list[Scheduled]:
         budget = self.max_num_batched_tokens
+        rule = self.draft_rule(min(self.max_num_seqs, len(self.running) + len(self.waiting)))
         out: list[Scheduled] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.blocks.can_allocate(req, req.num_computed_tokens + n):
+            s = self._plan(req, budget, rule)
+            if s.cost > budget:
+                break  # it runs next step; the rule guarantees the first request always fits
+            while not self.blocks.can_allocate(req, self._kv_need(s)):
                 self._preempt(self.running[-1])
                 if req.status is not Status.RUNNING:
                     break
             if req.status is not Status.RUNNING:
                 break  # req itself was the last one and got preempted
-            self.blocks.allocate(req, req.num_computed_tokens + n)
-            out.append(Scheduled(req, n))
-            budget -= n
+            self.blocks.allocate(req, self._kv_need(s))
+            out.append(s)
+            budget -= s.cost
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(req, req.num_computed_tokens + n):
+            s = self._plan(req, budget, rule)
+            if s.cost > budget or not self.blocks.can_allocate(req, self._kv_need(s)):
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self.blocks.allocate(req, req.num_computed_tokens + n)
+            self.blocks.allocate(req, self._kv_need(s))
             req.status = Status.RUNNING
             self.running.append(req)
-            out.append(Scheduled(req, n))
-            budget -= n
+            out.append(s)
+            budget -= s.cost
         return out
+
+    def _plan(self, req: Request, budget: int, rule: DraftRule | None) -> Scheduled:
+        left = req.num_tokens - req.num_computed_tokens
+        n = min(left, budget)
+        if n < left or rule is None:
+            return Scheduled(req, n)
+        room = self.max_model_len - req.num_tokens  # the drafts' K/V must fit the context
+        k = max(0, min(len(req.drafts), rule.block_size, room))
+        levels = () if self.two_forward and k else tuple(p for p in rule.levels if p <= k)
+        s = Scheduled(req, n, k, levels, rule.block_size + 1)
+        if s.cost > budget and left > 1:
+            return Scheduled(req, min(left - 1, budget))  # stop short of the anchor; it fits next step
+        return s
+
+    @staticmethod
+    def _kv_need(s: Scheduled) -> int:
+        return s.request.num_computed_tokens + s.num_tokens + s.num_drafts
 
     def finish(self, req: Request, reason: str) -> None:
         """Free everything the request holds; safe to call in any state."""

@@ -1,0 +1,87 @@
+"""The TiDAR decode step for one request: lay out verify + proposals, accept drafts, pick the next drafts.
+
+One forward holds [anchor, d1..dk] (causal, written to the KV cache) and one block of K+1 masks per
+proposal level (scratch). Afterwards: n drafts are accepted plus one AR token (the next anchor); the
+proposal with the largest level <= n supplies the next drafts; the KV and CCA state keep positions up to
+the last accepted draft and everything after is rolled back (block_manager.trim / no CCA commit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.config import TidarConfig
+from workers.masks import step_layout
+from workers.model_runner import StepLayout
+from workers.sampler import draft, verify
+from workers.scheduler import Scheduled
+
+# Checkpoint attributes that may name the mask token, in the order Zyphra's vLLM fork reads them.
+MASK_TOKEN_ATTRS = (
+    "tidar_mask_token_id",
+    "parallel_drafting_mask_token_id",
+    "draft_mask_token_id",
+    "bidirectional_mask_token_id",
+    "diffusion_mask_token_id",
+    "mask_token_id",
+)
+
+
+def resolve_mask_token(hf_cfg, override: int | None) -> int | None:
+    if override is not None:
+        return override
+    for name in MASK_TOKEN_ATTRS:
+        value = getattr(hf_cfg, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def layout(s: Scheduled, mask_token_id: int) -> StepLayout:
+    req = s.request
+    start = req.num_computed_tokens
+    known = req.all_token_ids[start : start + s.num_tokens]
+    return step_layout(known, req.drafts[: s.num_drafts], start, s.levels, s.block_len, mask_token_id)
+
+
+def draft_pass_layout(s: Scheduled, mask_token_id: int) -> StepLayout:
+    """Two-forward mode: [new anchor, K+1 masks] after the verify pass; nothing is written."""
+    req = s.request
+    return step_layout([req.output_token_ids[-1]], [], req.num_computed_tokens, (0,), s.block_len, mask_token_id,
+                       write=False)
+
+
+@dataclass
+class Outcome:
+    tokens: list[int]  # accepted drafts + the AR token
+    last_kept: int  # local index of the last verify slot whose K/V and CCA state are kept
+
+
+def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
+    """logits: this request's rows of the forward: [k + 1 verify rows, then len(levels) * block_len]."""
+    req, k = s.request, s.num_drafts
+    drafts = req.drafts[:k]
+    d_logits = req.draft_logits[:k] if req.draft_logits is not None else None
+    n, token = verify(logits[: k + 1], drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
+                      cfg.mix_weight if cfg.sampler == "mix" else 1.0)
+    level = None
+    if s.levels:
+        j = max(i for i, p in enumerate(s.levels) if p <= n)
+        level = s.levels[j]
+        block = logits[k + 1 + j * s.block_len : k + 1 + (j + 1) * s.block_len]
+        # slot i of the block sits at anchor + level + 1 + i; keep the slots after the new anchor
+        set_drafts(s, block[n - level + 1 :], cfg)
+    else:
+        req.drafts, req.draft_logits = [], None
+    req.stats.record_verify(k, n, level)
+    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n)
+
+
+def set_drafts(s: Scheduled, rows: torch.Tensor, cfg: TidarConfig) -> None:
+    """rows: [m, V] diffusion logits for the positions right after the anchor."""
+    rows = rows[: s.block_len - 1]
+    req = s.request
+    req.draft_logits = rows
+    req.drafts = draft(rows, cfg.draft_temperature, req.generator)
