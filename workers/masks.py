@@ -45,3 +45,26 @@ def step_layout(
     rows = list(range(anchor, v)) + list(range(v, q))
     return StepLayout(token_ids, positions, parent, v if write else 0, rows, mask)
 
+
+
+def training_layout(tokens: list[int], block_len: int, mask_token_id: int, offset: int = 0) -> StepLayout:
+    """The TiDAR training sequence: the clean tokens (causal) followed by a fully masked copy.
+
+    The masked copy is cut into blocks of `block_len` slots starting at positions offset, offset + block_len, ...
+    (positions before `offset` form a shorter first block). A block starting at position s sees the clean
+    tokens before s and itself, and its slot at position t is trained to predict tokens[t]: exactly what
+    a proposal block starting at s sees at inference, CCA branch included (slot 0 continues token s - 1).
+    Rows: all 2S; clean row t predicts tokens[t + 1], masked row S + t predicts tokens[t].
+    """
+    s_len = len(tokens)
+    starts = sorted({0, *range(offset % block_len or block_len, s_len, block_len)}) if s_len else []
+    q = 2 * s_len
+    mask = torch.zeros(q, q, dtype=torch.bool)
+    mask[:s_len, :s_len] = torch.ones(s_len, s_len, dtype=torch.bool).tril()
+    parent = list(range(-1, s_len - 1))
+    for start, end in zip(starts, starts[1:] + [s_len]):
+        lo, hi = s_len + start, s_len + end
+        mask[lo:hi, :start] = True
+        mask[lo:hi, lo:hi] = True
+        parent += [start - 1] + list(range(lo, hi - 1))
+    return StepLayout(tokens + [mask_token_id] * s_len, list(range(s_len)) * 2, parent, 0, list(range(q)), mask)

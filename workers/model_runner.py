@@ -51,7 +51,8 @@ class ModelRunner:
     def forward(self, layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]],
                 state_slots: list[int]) -> torch.Tensor:
         """Run one forward. Returns logits [sum(len(logit_rows)), V] in request order (fp32)."""
-        meta, input_ids, positions, rows = self._prepare(layouts, computed, block_tables, state_slots)
+        meta, input_ids, positions, rows = build_inputs(layouts, computed, block_tables, state_slots,
+                                                        self.block_size, self.device)
         hidden = self.model(input_ids, positions, meta, self.kv, self.state)
         self._meta = meta
         return self.model.compute_logits(hidden[rows])
@@ -64,76 +65,83 @@ class ModelRunner:
         offsets = meta.query_index[:, 0]
         self.state.commit(meta, offsets + torch.tensor(last_kept, device=self.device))
 
-    def _prepare(self, layouts, computed, block_tables, state_slots):
-        dev, bs = self.device, self.block_size
-        b = len(layouts)
-        q_lens = [len(l.token_ids) for l in layouts]
-        q_max, p_max = max(q_lens), max(max(computed), 1)
-        offsets = [0]
-        for q in q_lens:
-            offsets.append(offsets[-1] + q)
-        total = offsets[-1]
 
-        input_ids = torch.tensor([t for l in layouts for t in l.token_ids], device=dev)
-        positions = torch.tensor([p for l in layouts for p in l.positions], device=dev)
-        ar = torch.arange(q_max, device=dev)
-        q_len_t = torch.tensor(q_lens, device=dev)
-        query_valid = ar[None, :] < q_len_t[:, None]
-        query_index = torch.where(query_valid, torch.tensor(offsets[:-1], device=dev)[:, None] + ar, 0)
+def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]], state_slots: list[int],
+                 block_size: int, device) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten per-request layouts into (metadata, input_ids [T], positions [T], logit row indices [N]).
 
-        n_blocks = max(len(t) for t in block_tables)
-        table = torch.zeros(b, max(n_blocks, 1), dtype=torch.long, device=dev)
-        for i, t in enumerate(block_tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
+    The trainer calls this too (no cached prefix, empty block tables), so training and inference
+    share one definition of masks, positions and CCA branches.
+    """
+    dev, bs = torch.device(device), block_size
+    b = len(layouts)
+    q_lens = [len(l.token_ids) for l in layouts]
+    q_max, p_max = max(q_lens), max(max(computed), 1)
+    offsets = [0]
+    for q in q_lens:
+        offsets.append(offsets[-1] + q)
+    total = offsets[-1]
 
-        def slots_of(pos: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
-            return table[req, pos // bs] * bs + pos % bs
+    input_ids = torch.tensor([t for l in layouts for t in l.token_ids], device=dev)
+    positions = torch.tensor([p for l in layouts for p in l.positions], device=dev)
+    ar = torch.arange(q_max, device=dev)
+    q_len_t = torch.tensor(q_lens, device=dev)
+    query_valid = ar[None, :] < q_len_t[:, None]
+    query_index = torch.where(query_valid, torch.tensor(offsets[:-1], device=dev)[:, None] + ar, 0)
 
-        past_pos = torch.arange(p_max, device=dev)
-        computed_t = torch.tensor(computed, device=dev)
-        past_valid = past_pos[None, :] < computed_t[:, None]  # [B, Pmax]
-        req_ids = torch.arange(b, device=dev)[:, None]
-        past_slots = torch.where(past_valid, slots_of(past_pos[None, :].expand(b, -1), req_ids), 0)
+    n_blocks = max(len(t) for t in block_tables)
+    table = torch.zeros(b, max(n_blocks, 1), dtype=torch.long, device=dev)
+    for i, t in enumerate(block_tables):
+        table[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
 
-        new_mask = torch.zeros(b, q_max, q_max, dtype=torch.bool, device=dev)
-        for i, l in enumerate(layouts):
-            q = q_lens[i]
-            new_mask[i, :q, :q] = l.mask if l.mask is not None else torch.ones(q, q, dtype=torch.bool, device=dev).tril()
-            new_mask[i, q:, q:] = torch.eye(q_max - q, dtype=torch.bool, device=dev)  # padding rows see themselves
-        mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1) & query_valid[:, :, None], new_mask], dim=2)
+    def slots_of(pos: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
+        return table[req, pos // bs] * bs + pos % bs
 
-        write_index, write_req = [], []
-        for i, l in enumerate(layouts):
-            write_index.extend(range(offsets[i], offsets[i] + l.num_write))
-            write_req.extend([i] * l.num_write)
-        write_index_t = torch.tensor(write_index, dtype=torch.long, device=dev)
-        write_slots = slots_of(positions[write_index_t], torch.tensor(write_req, dtype=torch.long, device=dev))
+    past_pos = torch.arange(p_max, device=dev)
+    computed_t = torch.tensor(computed, device=dev)
+    past_valid = past_pos[None, :] < computed_t[:, None]  # [B, Pmax]
+    req_ids = torch.arange(b, device=dev)[:, None]
+    past_slots = torch.where(past_valid, slots_of(past_pos[None, :].expand(b, -1), req_ids), 0)
 
-        # ZAYA conv windows: ext table = [zero, (older, newer) state of each request, new tokens]
-        base = 1 + 2 * b
-        conv = []
-        for i, l in enumerate(layouts):
-            cold = computed[i] == 0
-            newer, older = (0, 0) if cold else (1 + 2 * i + 1, 1 + 2 * i)
+    new_mask = torch.zeros(b, q_max, q_max, dtype=torch.bool, device=dev)
+    for i, l in enumerate(layouts):
+        q = q_lens[i]
+        new_mask[i, :q, :q] = l.mask if l.mask is not None else torch.ones(q, q, dtype=torch.bool, device=dev).tril()
+        new_mask[i, q:, q:] = torch.eye(q_max - q, dtype=torch.bool, device=dev)  # padding rows see themselves
+    mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1) & query_valid[:, :, None], new_mask], dim=2)
 
-            def ext(j: int) -> int:
-                return base + offsets[i] + j if j >= 0 else newer
+    write_index, write_req = [], []
+    for i, l in enumerate(layouts):
+        write_index.extend(range(offsets[i], offsets[i] + l.num_write))
+        write_req.extend([i] * l.num_write)
+    write_index_t = torch.tensor(write_index, dtype=torch.long, device=dev)
+    write_slots = slots_of(positions[write_index_t], torch.tensor(write_req, dtype=torch.long, device=dev))
 
-            for j, p in enumerate(l.parent):
-                grand = l.parent[p] if p >= 0 else None
-                conv.append((ext(grand) if grand is not None else older, ext(p), base + offsets[i] + j))
-        conv_index = torch.tensor(conv, dtype=torch.long, device=dev).view(total, 3)
+    # ZAYA conv windows: ext table = [zero, (older, newer) state of each request, new tokens]
+    base = 1 + 2 * b
+    conv = []
+    for i, l in enumerate(layouts):
+        cold = computed[i] == 0
+        newer, older = (0, 0) if cold else (1 + 2 * i + 1, 1 + 2 * i)
 
-        rows = torch.tensor([offsets[i] + r for i, l in enumerate(layouts) for r in l.logit_rows],
-                            dtype=torch.long, device=dev)
-        meta = AttentionMetadata(
-            write_index=write_index_t,
-            write_slots=write_slots,
-            query_index=query_index,
-            query_valid=query_valid,
-            past_slots=past_slots,
-            mask=mask[:, None],
-            conv_index=conv_index,
-            state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
-        )
-        return meta, input_ids, positions, rows
+        def ext(j: int) -> int:
+            return base + offsets[i] + j if j >= 0 else newer
+
+        for j, p in enumerate(l.parent):
+            grand = l.parent[p] if p >= 0 else None
+            conv.append((ext(grand) if grand is not None else older, ext(p), base + offsets[i] + j))
+    conv_index = torch.tensor(conv, dtype=torch.long, device=dev).view(total, 3)
+
+    rows = torch.tensor([offsets[i] + r for i, l in enumerate(layouts) for r in l.logit_rows],
+                        dtype=torch.long, device=dev)
+    meta = AttentionMetadata(
+        write_index=write_index_t,
+        write_slots=write_slots,
+        query_index=query_index,
+        query_valid=query_valid,
+        past_slots=past_slots,
+        mask=mask[:, None],
+        conv_index=conv_index,
+        state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
+    )
+    return meta, input_ids, positions, rows
