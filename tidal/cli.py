@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-weight", type=float, help="logit-mixing weight w of the AR logits (default 0.5)")
     g.add_argument("--draft-temperature", type=float, help="0: argmax drafts; > 0: sampled drafts")
     g.add_argument("--mask-token-id", type=int, help="mask token, when config.json names none")
+    g.add_argument("--ep", type=int, default=1, help="expert-parallel worker actors on a local Ray (default 1: in-process)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser
 
@@ -56,7 +57,8 @@ def cmd_generate(args) -> int:
                                         sampler=args.sampler, mix_weight=args.mix_weight,
                                         draft_temperature=args.draft_temperature,
                                         mask_token_id=args.mask_token_id).items() if v is not None}
-        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar))
+        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar,
+                                             ep_size=args.ep))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]
     except (InvalidRequest, ModelLoadError) as e:

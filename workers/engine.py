@@ -15,9 +15,8 @@ import torch
 from workers.attention import KVCache
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
-from workers.loader import load_tokenizer
-from workers.model_runner import DTYPES, ModelRunner, StepLayout
-from workers.models import load_model
+from workers.loader import load_hf_config, load_tokenizer
+from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
 from workers.request import Request, RequestOutput, Status
 from workers import tidar
 from workers.sampler import make_generator
@@ -42,14 +41,14 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         dtype = DTYPES[config.dtype]
-        self.model, self.hf_config = load_model(config.model, dtype, config.device)
+        self.hf_config = load_hf_config(config.model)
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
         self.vocab_size = self.hf_config.vocab_size
 
         c = self.hf_config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        per_block = KVCache.bytes_per_block(c.num_hidden_layers, config.block_size, c.num_key_value_heads, head_dim, dtype)
+        per_block = KVCache.bytes_per_block(c.num_hidden_layers, config.block_size, c.num_key_value_heads,
+                                            head_dim_of(c), dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 2:
             raise InvalidRequest(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks of {per_block} bytes")
@@ -68,8 +67,14 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, rules, config.tidar.two_forward)
-        self.runner = ModelRunner(self.model, c, block_size=config.block_size, num_blocks=num_blocks,
-                                  num_state_slots=config.max_num_seqs, dtype=dtype, device=config.device)
+        runner_args = dict(dtype=dtype, device=config.device, block_size=config.block_size, num_blocks=num_blocks,
+                           num_state_slots=config.max_num_seqs)
+        if config.ep_size > 1:
+            from workers.worker_group import WorkerGroup
+
+            self.runner = WorkerGroup(config.model, config.ep_size, runner_args, config.worker_timeout_s)
+        else:
+            self.runner = ModelRunner(config.model, **runner_args)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
 
@@ -123,6 +128,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        try:
+            return self._run(batch)
+        except RunnerFailure as e:
+            failed = list(self.scheduler.running)
+            for req in failed:
+                self.scheduler.finish(req, "error")
+                self.requests.pop(req.request_id, None)
+            return [RequestOutput(r.request_id, [], True, "error", r.prompt_token_ids, list(r.output_token_ids),
+                                  r.stats.as_dict(), error=str(e)) for r in failed]
+
+    def _run(self, batch: list[Scheduled]) -> list[RequestOutput]:
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)

@@ -11,6 +11,14 @@ from workers.attention import AttentionMetadata, KVCache
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+class RunnerFailure(RuntimeError):
+    """The runner lost its device state (e.g. a worker actor died): every running request's KV is gone."""
+
+
+def head_dim_of(hf_cfg) -> int:
+    return getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
+
+
 @dataclass
 class StepLayout:
     """What one request feeds into a forward.
@@ -36,15 +44,22 @@ class StepLayout:
 
 
 class ModelRunner:
-    def __init__(self, model, hf_cfg, *, block_size: int, num_blocks: int, num_state_slots: int,
-                 dtype: torch.dtype, device):
-        self.model = model
+    """Owns the model, its paged KV cache and recurrent state on one device."""
+
+    def __init__(self, model_dir: str, *, dtype: torch.dtype, device, block_size: int, num_blocks: int,
+                 num_state_slots: int, expert_shard: tuple[int, int] | None = None):
+        from workers.models import load_model
+
+        self.model, hf_cfg = load_model(model_dir, dtype, device)
+        if expert_shard is not None:
+            from workers.expert_parallel import shard_experts
+
+            shard_experts(self.model, *expert_shard)
         self.device = torch.device(device)
         self.block_size = block_size
-        head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // hf_cfg.num_attention_heads
         self.kv = KVCache(hf_cfg.num_hidden_layers, num_blocks, block_size, hf_cfg.num_key_value_heads,
-                          head_dim, dtype, device)
-        self.state = model.make_state(num_state_slots, dtype, device)
+                          head_dim_of(hf_cfg), dtype, device)
+        self.state = self.model.make_state(num_state_slots, dtype, device)
         self._meta: AttentionMetadata | None = None
 
     @torch.inference_mode()
