@@ -1,4 +1,4 @@
-"""`tidal` command line: generate (offline, one request)."""
+"""`tidal` command line: generate (offline), serve (gRPC + HTTP on Ray Serve), client (gRPC)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,99 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-token-id", type=int, help="mask token, when config.json names none")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel worker actors on a local Ray (default 1: in-process)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    sv = sub.add_parser("serve", help="serve gRPC and OpenAI-style HTTP on a local (or given) Ray cluster")
+    sv.add_argument("--model", help="HF-format model directory (default: shipped model)")
+    sv.add_argument("--config", help="YAML/JSON ServeConfig file; flags override it")
+    sv.add_argument("--grpc-port", type=int)
+    sv.add_argument("--http-port", type=int)
+    sv.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
+    sv.add_argument("--ep", type=int, help="expert-parallel worker actors per engine replica")
+    sv.add_argument("--replicas", type=int, help="engine replicas (fixed; use --config for autoscaling)")
+    sv.add_argument("--mode", choices=["ar", "tidar"])
+    sv.add_argument("--api-key", help="require 'authorization: Bearer KEY' on every request")
+    sv.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    c = sub.add_parser("client", help="send one request to a running `tidal serve` over gRPC")
+    c.add_argument("--target", default="127.0.0.1:9000")
+    c.add_argument("prompt", nargs="?", help="prompt text")
+    c.add_argument("--prompt-token-ids", type=_token_ids)
+    c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument("--temperature", type=float)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--stream", action="store_true", help="print tokens as each decode step commits them")
+    c.add_argument("--api-key")
+    c.add_argument("--stats", action="store_true", help="print the server's live stats instead")
     return parser
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from cluster.ray_cluster import ensure_ray
+    from router import app
+    from router.config import AutoscalingConfig, ServeConfig
+    from workers.config import InvalidRequest
+
+    overrides = {"engine.model": args.model, "engine.mode": args.mode, "engine.ep_size": args.ep,
+                 "grpc_port": args.grpc_port, "http_port": args.http_port, "http_host": args.http_host,
+                 "api_key": args.api_key}
+    if args.replicas:
+        overrides["autoscaling"] = AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas)
+    if not args.config and not args.model:
+        overrides["engine.model"] = str(DEFAULT_MODEL)
+    try:
+        cfg = ServeConfig.load(args.config, **overrides)
+    except InvalidRequest as e:
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 2
+    ensure_ray(args.ray_address)
+    app.start(cfg)
+    print(f"tidal: serving {cfg.engine.model} as '{cfg.model_name}': gRPC on 0.0.0.0:{cfg.grpc_port} "
+          f"(tidal.v1.Generation, tidal.v1.Control; metadata application=tidal), "
+          f"HTTP on http://{cfg.http_host}:{cfg.http_port}/v1", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("tidal: draining and shutting down", file=sys.stderr, flush=True)
+    app.drain_and_stop()
+    return 0
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from proto import tidal_pb2 as pb
+    from proto import tidal_pb2_grpc as pbg
+
+    metadata = [("application", "tidal")] + ([("authorization", f"Bearer {args.api_key}")] if args.api_key else [])
+    channel = grpc.insecure_channel(args.target)
+    try:
+        if args.stats:
+            print(pbg.ControlStub(channel).GetStats(pb.StatsRequest(), metadata=metadata))
+            return 0
+        sampling = pb.SamplingParams(max_tokens=args.max_tokens)
+        if args.temperature is not None:
+            sampling.temperature = args.temperature
+        if args.seed is not None:
+            sampling.seed = args.seed
+        request = pb.GenerateRequest(sampling=sampling, return_text=True)
+        if args.prompt_token_ids:
+            request.token_ids.ids.extend(args.prompt_token_ids)
+        else:
+            request.text = args.prompt or ""
+        stub = pbg.GenerationStub(channel)
+        if args.stream:
+            for msg in stub.GenerateStream(request, metadata=metadata):
+                print(msg.text, end="", flush=True)
+            print()
+        else:
+            print(stub.Generate(request, metadata=metadata).text)
+    except grpc.RpcError as e:
+        print(f"tidal: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -78,7 +170,7 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"generate": cmd_generate}[args.command](args)
+    return {"generate": cmd_generate, "serve": cmd_serve, "client": cmd_client}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class LLMEngine:
             self.runner = ModelRunner(config.model, **runner_args)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
+        self.num_steps = 0
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self.num_steps += 1
         try:
             return self._run(batch)
         except RunnerFailure as e:
@@ -157,7 +159,10 @@ class LLMEngine:
                 continue
             req.num_computed_tokens += o.last_kept + 1
             self.blocks.trim(req, req.num_computed_tokens)  # KV rollback of the rejected drafts
-            outputs.append(self._append(req, o.tokens))
+            out = self._append(req, o.tokens)
+            out.step = {"drafted": o.drafted, "accepted": o.accepted, "level": o.level,
+                        "committed": len(out.new_token_ids), "batch_size": len(batch)}
+            outputs.append(out)
             if self.config.tidar.two_forward and s.num_drafts and not req.finished:
                 redraft.append(s)
         if redraft:

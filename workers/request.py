@@ -99,3 +99,4 @@ class RequestOutput:
     output_token_ids: list[int]
     stats: dict
     error: str | None = None
+    step: dict | None = None  # this step: drafted, accepted, level, committed (tokens emitted), batch_size

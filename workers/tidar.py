@@ -57,6 +57,9 @@ def draft_pass_layout(s: Scheduled, mask_token_id: int) -> StepLayout:
 class Outcome:
     tokens: list[int]  # accepted drafts + the AR token
     last_kept: int  # local index of the last verify slot whose K/V and CCA state are kept
+    drafted: int = 0
+    accepted: int = 0
+    level: int | None = None  # proposal level chosen for the next drafts
 
 
 def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
@@ -76,7 +79,7 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
     else:
         req.drafts, req.draft_logits = [], None
     req.stats.record_verify(k, n, level)
-    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n)
+    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n, k, n, level)
 
 
 def set_drafts(s: Scheduled, rows: torch.Tensor, cfg: TidarConfig) -> None:

@@ -1,0 +1,55 @@
+"""The Ray Serve application: Ingress -> EngineReplica (autoscaled), and how `tidal serve` runs it.
+
+`build_app` is a Serve application builder, so the same typed config runs from the CLI, from
+`serve run router.app:build_app`, and from a KubeRay RayService's serveConfigV2.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ray import serve
+from ray.serve.config import gRPCOptions, HTTPOptions
+
+from router.config import ServeConfig
+from router.engine_replica import EngineReplica
+from router.ingress import Ingress
+
+APP_NAME = "tidal"
+GRPC_SERVICERS = ["proto.tidal_pb2_grpc.add_GenerationServicer_to_server",
+                  "proto.tidal_pb2_grpc.add_ControlServicer_to_server"]
+
+
+def build_app(args: dict) -> serve.Application:
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig(**args)
+    engine = serve.deployment(
+        EngineReplica,
+        name="EngineReplica",
+        autoscaling_config=cfg.autoscaling.serve_dict(),
+        max_ongoing_requests=cfg.max_ongoing_per_replica,
+        max_queued_requests=cfg.max_queued_per_replica,
+        graceful_shutdown_timeout_s=60,
+        ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1},
+    ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica)
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, cfg.model_dump(mode="json"))
+
+
+def start(cfg: ServeConfig) -> None:
+    """Start Serve's proxies and deploy the app on the connected Ray cluster; returns when it answers."""
+    serve.start(http_options=HTTPOptions(host=cfg.http_host, port=cfg.http_port),
+                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def drain_and_stop(timeout_s: float = 60.0) -> None:
+    """Graceful shutdown: refuse new requests, let in-flight ones finish (bounded), then stop Serve."""
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        handle.begin_drain.remote().result(timeout_s=10)
+        deadline = time.monotonic() + timeout_s
+        while handle.in_flight_count.remote().result(timeout_s=10) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,87 @@
+"""The router deployment: each replica owns one engine whose scheduler batches everything it admits.
+
+Admission is bounded: when the requests waiting for a batch slot reach `max_queued`, a new request
+is refused at once (Overloaded) instead of queueing forever. A cancelled or abandoned stream aborts
+its request in the engine, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from router.errors import Draining, Overloaded
+from router.stats import StatsBoard
+from workers.async_engine import AsyncEngine
+from workers.config import EngineConfig, SamplingParams
+from workers.engine import LLMEngine
+
+
+class EngineReplica:
+    def __init__(self, engine_config: dict, max_queued: int):
+        self.config = EngineConfig(**engine_config)
+        self.engine = LLMEngine(self.config)
+        self.async_engine = AsyncEngine(self.engine)
+        self.max_queued = max_queued
+        self.draining = False
+        self.replica_id = f"{os.getpid()}-{id(self)}"
+        self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
+        self._board = StatsBoard.get()
+        self._report_task = None
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """request: prompt (str | list[int]), sampling (dict), request_id. Yields one event per step."""
+        self._ensure_reporter()
+        if self.draining:
+            raise Draining("this replica is draining; retry on another")
+        if len(self.engine.scheduler.waiting) >= self.max_queued:
+            raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
+        params = SamplingParams.make(**request.get("sampling", {}))
+        async for out in self.async_engine.generate(request["prompt"], params, request.get("request_id")):
+            self._account(out)
+            yield {"request_id": out.request_id, "token_ids": out.new_token_ids, "finished": out.finished,
+                   "finish_reason": out.finish_reason, "step": out.step, "stats": out.stats, "error": out.error,
+                   "prompt_tokens": len(out.prompt_token_ids)}
+
+    def _account(self, out) -> None:
+        t = self.totals
+        t["finished"] += out.finished
+        if out.step and out.step["drafted"]:
+            t["drafted"] += out.step["drafted"]
+            t["accepted"] += out.step["accepted"]
+            t["verify_steps"] += 1
+
+    def stats(self) -> dict:
+        sched = self.engine.scheduler
+        return {"queue_depth": len(sched.waiting), "running": len(sched.running), "kv_usage": self.engine.kv_usage(),
+                "steps": self.engine.num_steps, **self.totals}
+
+    def model_info(self) -> dict:
+        c, hf = self.config, self.engine.hf_config
+        rule = c.tidar
+        return {"architecture": hf.architectures[0], "vocab_size": hf.vocab_size,
+                "max_model_len": self.engine.max_model_len, "mode": c.mode, "block_size": rule.block_size,
+                "levels": list(rule.levels), "sampler": rule.sampler, "expert_parallel": c.ep_size,
+                "eos_token_ids": sorted(self.engine.eos_token_ids)}
+
+    async def drain(self, timeout_s: float = 60.0) -> int:
+        """Refuse new work; wait (bounded) for in-flight requests to finish. Returns how many were in flight."""
+        self.draining = True
+        in_flight = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.engine.has_unfinished() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return in_flight
+
+    def _ensure_reporter(self) -> None:
+        if self._report_task is None:
+            self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        while True:
+            self._board.report.remote(self.replica_id, self.stats())
+            await asyncio.sleep(0.5)
+
+    def __del__(self):
+        self.async_engine.shutdown()

@@ -1,0 +1,258 @@
+"""The ingress deployment: gRPC (through Serve's gRPC proxy) and OpenAI-style HTTP in one place.
+
+It authenticates, validates and tokenizes at the edge, then streams from an engine replica chosen by
+Serve's load-aware router (power of two choices over replica queue lengths). Cancellation of a client
+stream cancels the replica's generator, which aborts the request and frees its KV.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from proto import tidal_pb2 as pb
+from router import openai_api as oa
+from router.config import ServeConfig
+from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
+from router.stats import StatsBoard
+from workers.config import InvalidRequest, SamplingParams
+from workers.loader import load_tokenizer
+
+http_app = FastAPI(title="Tidal")
+
+
+@http_app.exception_handler(RequestValidationError)
+async def _bad_json(request: Request, exc: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+    return JSONResponse(oa.error_body(f"invalid request: {problems}", 400), status_code=400)
+
+
+class Detokenizer:
+    """Incremental text: decode everything so far and emit only what is new and complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids += token_ids
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:  # maybe an incomplete UTF-8 sequence: wait for its next byte
+            return ""
+        delta, self.sent = text[self.sent :], len(text)
+        return delta
+
+
+@serve.ingress(http_app)
+class Ingress:
+    def __init__(self, engine, config: dict):
+        self.config = ServeConfig(**config)
+        self.engine = engine
+        self.tokenizer = load_tokenizer(self.config.engine.model)
+        self.draining = False
+        self.in_flight = 0
+        self._info: dict | None = None
+
+    # ---- shared edge logic --------------------------------------------------------------------------
+
+    def _authorize(self, headers: dict[str, str]) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = headers.get("authorization", "")
+        if given != f"Bearer {key}" and headers.get("x-api-key") != key:
+            raise Unauthenticated("missing or wrong API key (send 'authorization: Bearer <key>')")
+
+    def _request(self, prompt: str | list[int], sampling: dict, model: str | None, request_id: str | None) -> dict:
+        if self.draining:
+            raise Draining("server is draining; no new requests")
+        if model and model != self.config.model_name:
+            raise InvalidRequest(f"unknown model {model!r}; this server serves {self.config.model_name!r}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer; send prompt token ids")
+            prompt = self.tokenizer.encode(prompt).ids
+        if not prompt:
+            raise InvalidRequest("prompt is empty")
+        SamplingParams.make(**sampling)  # fail fast, before a replica is involved
+        return {"prompt": list(prompt), "sampling": sampling, "request_id": request_id or None}
+
+    async def _events(self, request: dict) -> AsyncIterator[dict]:
+        self.in_flight += 1
+        try:
+            async for event in self.engine.options(stream=True).generate.remote(request):
+                if event["error"]:
+                    raise EngineFailure(event["error"])
+                yield event
+        finally:
+            self.in_flight -= 1
+
+    async def _model_info(self) -> dict:
+        if self._info is None:
+            self._info = await self.engine.model_info.remote()
+        return self._info
+
+    # ---- gRPC (tidal.v1) -----------------------------------------------------------------------------
+
+    def _grpc_request(self, request: pb.GenerateRequest, grpc_context) -> dict:
+        self._authorize(dict(grpc_context.invocation_metadata()))
+        s = request.sampling
+        sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
+                    if s.HasField(name)}
+        sampling.update(stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
+        return self._request(prompt, sampling, request.model or None, request.request_id)
+
+    @staticmethod
+    def _fail(grpc_context, err: BaseException) -> None:
+        code, _ = status_of(err)
+        grpc_context.set_code(code)
+        grpc_context.set_details(message_of(err))
+
+    @staticmethod
+    def _accept_stats(stats: dict, step: dict | None = None) -> pb.AcceptStats:
+        if step is not None:
+            out = pb.AcceptStats(drafted=step["drafted"], accepted=step["accepted"])
+            if step["level"] is not None:
+                out.level = step["level"]
+            return out
+        return pb.AcceptStats(forwards=stats["forwards"], drafted=stats.get("drafted", 0),
+                              accepted=stats.get("accepted", 0),
+                              mean_acceptance_length=stats.get("mean_acceptance_length", 1.0),
+                              acceptance_by_position=stats.get("acceptance_by_position", []))
+
+    def _usage(self, event: dict) -> pb.Usage:
+        return pb.Usage(prompt_tokens=event["prompt_tokens"], completion_tokens=event["stats"]["generated_tokens"],
+                        speculative=self._accept_stats(event["stats"]))
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        try:
+            req = self._grpc_request(request, grpc_context)
+            text = Detokenizer(self.tokenizer if request.return_text else None)
+            ids, parts, last = [], [], None
+            async for event in self._events(req):
+                ids += event["token_ids"]
+                parts.append(text.add(event["token_ids"], event["finished"]))
+                last = event
+            return pb.GenerateResponse(request_id=last["request_id"], token_ids=ids, text="".join(parts),
+                                       finish_reason=last["finish_reason"], usage=self._usage(last))
+        except Exception as e:
+            self._fail(grpc_context, e)
+            return pb.GenerateResponse()
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            req = self._grpc_request(request, grpc_context)
+            text = Detokenizer(self.tokenizer if request.return_text else None)
+            async for event in self._events(req):
+                msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
+                                                text=text.add(event["token_ids"], event["finished"]))
+                if event["step"] is not None:
+                    msg.step.CopyFrom(self._accept_stats(event["stats"], event["step"]))
+                if event["finished"]:
+                    msg.finish_reason = event["finish_reason"]
+                    msg.usage.CopyFrom(self._usage(event))
+                yield msg
+        except Exception as e:
+            self._fail(grpc_context, e)
+
+    async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
+        ok = not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING if ok else pb.HealthResponse.NOT_SERVING)
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfo:
+        return pb.ModelInfo(model=self.config.model_name, **await self._model_info())
+
+    async def GetStats(self, request: pb.StatsRequest, grpc_context) -> pb.Stats:
+        s = await StatsBoard.get().summary.remote()
+        return pb.Stats(replicas=s["replicas"], queue_depth=s["queue_depth"], running=s["running"],
+                        kv_usage=s["kv_usage"], drafted=s["drafted"], accepted=s["accepted"],
+                        mean_acceptance_length=s["mean_acceptance_length"], finished_requests=s["finished"],
+                        forwards=s["steps"])
+
+    async def Drain(self, request: pb.DrainRequest, grpc_context) -> pb.DrainResponse:
+        self._authorize(dict(grpc_context.invocation_metadata()))
+        self.draining = True
+        return pb.DrainResponse(in_flight=self.in_flight)
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def in_flight_count(self) -> int:
+        return self.in_flight
+
+    # ---- HTTP (OpenAI-compatible) -------------------------------------------------------------------
+
+    def _http_error(self, err: BaseException) -> JSONResponse:
+        _, status = status_of(err)
+        return JSONResponse(oa.error_body(message_of(err), status), status_code=status)
+
+    @http_app.get("/health")
+    async def health(self):
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ok"}
+
+    @http_app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "tidal"}]}
+
+    @http_app.post("/v1/completions")
+    async def completions(self, body: oa.CompletionRequest, raw: Request):
+        return await self._openai(body, raw, body.prompt, oa.completion_id("cmpl"), chat=False)
+
+    @http_app.post("/v1/chat/completions")
+    async def chat_completions(self, body: oa.ChatRequest, raw: Request):
+        return await self._openai(body, raw, body.prompt(), oa.completion_id("chatcmpl"), chat=True)
+
+    async def _openai(self, body, raw: Request, prompt, rid: str, chat: bool):
+        try:
+            self._authorize({k.lower(): v for k, v in raw.headers.items()})
+            req = self._request(prompt, body.sampling(), body.model, None)
+            events = self._events(req)
+            first = await anext(events)  # errors (bad input, overload) surface before any byte is sent
+        except Exception as e:
+            return self._http_error(e)
+        model = self.config.model_name
+        if body.stream:
+            return StreamingResponse(self._sse(events, first, rid, model, chat), media_type="text/event-stream")
+        text = Detokenizer(self.tokenizer)
+        parts, last = [text.add(first["token_ids"], first["finished"])], first
+        try:
+            async for event in events:
+                parts.append(text.add(event["token_ids"], event["finished"]))
+                last = event
+        except Exception as e:
+            return self._http_error(e)
+        make = oa.chat_body if chat else oa.completion_body
+        return make(rid, model, "".join(parts), last["finish_reason"], last["prompt_tokens"],
+                    last["stats"]["generated_tokens"], last["stats"])
+
+    async def _sse(self, events, first: dict, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
+        text = Detokenizer(self.tokenizer)
+        event, opening = first, True
+        try:
+            while True:
+                delta = text.add(event["token_ids"], event["finished"])
+                finish = event["finish_reason"] if event["finished"] else None
+                chunk = (oa.chat_chunk(rid, model, delta, finish, opening) if chat
+                         else oa.completion_chunk(rid, model, delta, finish))
+                if event["finished"]:
+                    chunk["usage"] = oa.usage(event["prompt_tokens"], event["stats"]["generated_tokens"])
+                    chunk["tidal"] = oa.speculative(event["stats"])
+                opening = False
+                yield f"data: {json.dumps(chunk)}\n\n"
+                if event["finished"]:
+                    break
+                event = await anext(events)
+        except Exception as e:
+            _, status = status_of(e)
+            yield f"data: {json.dumps(oa.error_body(message_of(e), status))}\n\n"
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,97 @@
+"""OpenAI-compatible request and response shapes (completions and chat completions).
+
+Responses carry one documented extra field, `tidal`, with the speculative-decoding statistics of the
+request (forwards, drafted, accepted, mean_acceptance_length, acceptance_by_position).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def sampling(self) -> dict:
+        return {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos}
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def prompt(self) -> str:
+        """A plain role-tagged transcript; the shipped models have no chat template."""
+        return "".join(f"{m.role}: {m.content}\n" for m in self.messages) + "assistant:"
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def speculative(stats: dict) -> dict:
+    keys = ("forwards", "drafted", "accepted", "mean_acceptance_length", "acceptance_by_position", "tokens_per_forward")
+    return {k: stats[k] for k in keys if k in stats}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
+                    stats: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens), "tidal": speculative(stats)}
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
+              stats: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens), "tidal": speculative(stats)}
+
+
+def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+
+def chat_chunk(rid: str, model: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+    delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def error_body(message: str, status: int) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            429: "rate_limit_error", 503: "service_unavailable"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "code": status}}
