@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -201,6 +202,8 @@ class LLMEngine:
             if reason:
                 break
         req.output_token_ids.extend(kept)
+        if req.first_token_time is None:
+            req.first_token_time = time.time()
         req.stats.forwards += 1
         req.stats.generated_tokens += len(kept)
         if reason:
@@ -209,8 +212,10 @@ class LLMEngine:
         return self.output_of(req, kept)
 
     def output_of(self, req: Request, new_tokens: list[int]) -> RequestOutput:
+        times = {"arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
+                 "first_token": req.first_token_time}
         return RequestOutput(req.request_id, new_tokens, req.finished, req.finish_reason, req.prompt_token_ids,
-                             list(req.output_token_ids), req.stats.as_dict())
+                             list(req.output_token_ids), req.stats.as_dict(), times=times)
 
     # ---- convenience -------------------------------------------------------------------------------
 

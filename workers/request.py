@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,9 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stats: RequestStats = field(default_factory=RequestStats)
     generator: torch.Generator | None = None  # per-request RNG, seeded when params.seed is set
+    arrival_time: float = field(default_factory=time.time)
+    first_scheduled_time: float | None = None  # end of queueing
+    first_token_time: float | None = None  # end of prefill
     drafts: list[int] = field(default_factory=list)  # TiDAR drafts for the positions after the anchor
     draft_logits: torch.Tensor | None = None  # [len(drafts), V]: the diffusion logits behind them
 
@@ -100,3 +104,4 @@ class RequestOutput:
     stats: dict
     error: str | None = None
     step: dict | None = None  # this step: drafted, accepted, level, committed (tokens emitted), batch_size
+    times: dict | None = None  # arrival, first_scheduled, first_token (unix seconds); for traces

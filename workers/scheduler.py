@@ -12,6 +12,7 @@ whose batch limit and token cost fit is used, and past the last rule decoding is
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -91,6 +92,8 @@ class Scheduler:
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(req, self._kv_need(s))
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(s)

@@ -1,0 +1,192 @@
+"""Tiny random HF checkpoints, written by `transformers.save_pretrained`, and reference helpers.
+
+The reference for every test is HuggingFace `transformers` (which we did not write): each family is
+built as a transformers model, perturbed so that it is far from its degenerate initialisation, saved
+with `save_pretrained`, and kept in memory so tests can ask it for logits and greedy generations.
+
+Families (each a different checkpoint shape; both ZAYA ones route some tokens to the skip expert):
+  zaya        ZAYA1, tie_word_embeddings=True (the ZAYA default)
+  zaya_untied ZAYA1, untied lm_head with bias, attention biases, rope theta 10k, sharded save
+  qwen3       Qwen3 dense, untied
+  qwen3_tied  Qwen3 dense, tie_word_embeddings=True
+  qwen3_moe   Qwen3-MoE top-2 of 4 experts, layer 1 dense (mlp_only_layers), sharded save
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    GenerationConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    ZayaConfig,
+    ZayaForCausalLM,
+)
+
+FAMILIES = ("zaya", "zaya_untied", "qwen3", "qwen3_tied", "qwen3_moe")
+
+COMMON = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    path: str  # HF-format directory written by save_pretrained
+    hf: torch.nn.Module  # the transformers model that wrote it (fp32, eval)
+    _greedy: dict = field(default_factory=dict, repr=False)  # (prompt, n) -> transformers greedy tokens
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    def kv_bytes_per_block(self, block_size: int, elem_bytes: int = 4) -> int:
+        c = self.hf.config
+        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem_bytes
+
+    # ---- reference computations (transformers) --------------------------------------------------
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[T, V] fp32 logits of transformers' full-sequence forward (no cache)."""
+        return self.hf(input_ids=torch.tensor([token_ids]), use_cache=False).logits[0].float()
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        """transformers `generate(do_sample=False)` with EOS disabled: exactly max_new_tokens new tokens."""
+        key = (tuple(prompt), max_new_tokens)
+        if key not in self._greedy:
+            gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None,
+                                   pad_token_id=0, bos_token_id=None)
+            out = self.hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   generation_config=gen)
+            new = out[0, len(prompt):].tolist()
+            assert len(new) == max_new_tokens, f"transformers stopped early: {len(new)} of {max_new_tokens}"
+            self._greedy[key] = new
+        return list(self._greedy[key])
+
+    def prompt(self, length: int, seed: int) -> list[int]:
+        """Random prompt token ids (deterministic per seed)."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, self.vocab_size, (length,), generator=g).tolist()
+
+
+def _config(name: str):
+    if name == "zaya":
+        return ZayaConfig(vocab_size=160, num_hidden_layers=2, moe_intermediate_size=48, num_experts=4,
+                          router_hidden_size=32, initializer_range=0.3, **COMMON)
+    if name == "zaya_untied":
+        return ZayaConfig(vocab_size=200, num_hidden_layers=3, moe_intermediate_size=32, num_experts=3,
+                          router_hidden_size=24, initializer_range=0.5, tie_word_embeddings=False,
+                          lm_head_bias=True, attention_bias=True,
+                          rope_parameters={"hybrid": {"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5}},
+                          **COMMON)
+    if name == "qwen3":
+        return Qwen3Config(vocab_size=192, num_hidden_layers=2, intermediate_size=96, initializer_range=0.3,
+                           tie_word_embeddings=False, **COMMON)
+    if name == "qwen3_tied":
+        return Qwen3Config(vocab_size=128, num_hidden_layers=2, intermediate_size=80, initializer_range=0.5,
+                           tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+                           **COMMON)
+    if name == "qwen3_moe":
+        return Qwen3MoeConfig(vocab_size=176, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+                              num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], norm_topk_prob=True,
+                              initializer_range=0.3, tie_word_embeddings=False, **COMMON)
+    raise KeyError(name)
+
+
+_MODEL_CLASS = {"zaya": ZayaForCausalLM, "zaya_untied": ZayaForCausalLM, "qwen3": Qwen3ForCausalLM,
+                "qwen3_tied": Qwen3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}
+_SHARDED = {"zaya_untied", "qwen3_moe"}
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, g: torch.Generator) -> None:
+    """Move every initialise-to-constant parameter off its constant, so no path is an identity.
+
+    Norm weights and scales start at 1, biases at 0 and ZAYA's qk_norm.temp at 0 (which makes
+    attention uniform); left like that, a random tiny model repeats one token forever.
+    """
+
+    def noise(p, std):
+        return torch.randn(p.shape, generator=g, dtype=p.dtype) * std
+
+    for name, p in model.named_parameters():
+        if name.endswith("qk_norm.temp"):
+            p.copy_(torch.empty(p.shape).uniform_(1.0, 2.5, generator=g))
+        elif p.ndim == 1 and torch.all(p == 1):
+            p.copy_(1.0 + noise(p, 0.2))
+        elif p.ndim == 1 and torch.all(p == 0):
+            p.copy_(noise(p, 0.2))
+    for name, b in model.named_buffers():
+        if name.endswith("balancing_biases"):
+            # Make ZAYA's skip expert (last class) reachable. Its bias stays -1.0: transformers'
+            # from_pretrained re-applies `balancing_biases[-1] = -1.0` after loading, whatever the
+            # checkpoint says, so any other value would make its reloaded model disagree with the file.
+            # Lowering the real experts' biases instead lets "skip" win when its probability leads by ~0.15.
+            b.copy_(-0.85 + noise(b, 0.05))
+            b[-1] = -1.0
+
+
+def _build(name: str, root: Path, seed: int) -> Checkpoint:
+    torch.manual_seed(seed)
+    cfg = _config(name)
+    model = _MODEL_CLASS[name](cfg).eval()
+    _perturb(model, torch.Generator().manual_seed(seed + 1000))
+    path = root / name
+    if name in _SHARDED:
+        model.save_pretrained(path, max_shard_size="20KB")
+        assert (path / "model.safetensors.index.json").is_file()
+        assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    else:
+        model.save_pretrained(path)
+        assert (path / "model.safetensors").is_file()
+    # The saved generation_config keeps the model's EOS (the engine reads it; tests pass ignore_eos).
+    # The in-memory reference must never stop early: a GenerationConfig passed to generate() with
+    # eos_token_id=None does not override the model's own, so clear that one.
+    model.generation_config.eos_token_id = None
+    return Checkpoint(name, str(path), model)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The models here are tiny: intra-op threads only add synchronisation, and on a shared 2-core
+    machine a busy neighbour makes OpenMP spin-waits 20-50x slower. One thread keeps the suite fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
+    """family name -> Checkpoint(path, hf model); all five built once per session (well under a second)."""
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    return {name: _build(name, root, seed) for seed, name in enumerate(FAMILIES)}
+
+
+@pytest.fixture(params=FAMILIES)
+def ckpt(request, checkpoints) -> Checkpoint:
+    """Parametrizes a test over every model family."""
+    return checkpoints[request.param]
