@@ -14,6 +14,7 @@ from ray.serve.config import gRPCOptions, HTTPOptions
 from router.config import ServeConfig
 from router.engine_replica import EngineReplica
 from router.ingress import Ingress
+from router.telemetry import otel_env
 
 APP_NAME = "tidal"
 GRPC_SERVICERS = ["proto.tidal_pb2_grpc.add_GenerationServicer_to_server",
@@ -22,6 +23,7 @@ GRPC_SERVICERS = ["proto.tidal_pb2_grpc.add_GenerationServicer_to_server",
 
 def build_app(args: dict) -> serve.Application:
     cfg = args if isinstance(args, ServeConfig) else ServeConfig(**args)
+    runtime_env = {"env_vars": otel_env()}  # tracing settings reach every replica process
     engine = serve.deployment(
         EngineReplica,
         name="EngineReplica",
@@ -29,10 +31,11 @@ def build_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.max_ongoing_per_replica,
         max_queued_requests=cfg.max_queued_per_replica,
         graceful_shutdown_timeout_s=60,
-        ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1},
+        ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1,
+                           "runtime_env": runtime_env},
     ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica)
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return ingress.bind(engine, cfg.model_dump(mode="json"))
 
 

@@ -11,6 +11,9 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
+from router import telemetry
 from router.errors import Draining, Overloaded
 from router.stats import StatsBoard
 from workers.async_engine import AsyncEngine
@@ -20,6 +23,7 @@ from workers.engine import LLMEngine
 
 class EngineReplica:
     def __init__(self, engine_config: dict, max_queued: int):
+        telemetry.setup_tracing()
         self.config = EngineConfig(**engine_config)
         self.engine = LLMEngine(self.config)
         self.async_engine = AsyncEngine(self.engine)
@@ -38,11 +42,46 @@ class EngineReplica:
         if len(self.engine.scheduler.waiting) >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = SamplingParams.make(**request.get("sampling", {}))
-        async for out in self.async_engine.generate(request["prompt"], params, request.get("request_id")):
-            self._account(out)
-            yield {"request_id": out.request_id, "token_ids": out.new_token_ids, "finished": out.finished,
-                   "finish_reason": out.finish_reason, "step": out.step, "stats": out.stats, "error": out.error,
-                   "prompt_tokens": len(out.prompt_token_ids)}
+        span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.get("trace", {})))
+        first, last = True, None
+        try:
+            async for out in self.async_engine.generate(request["prompt"], params, request.get("request_id")):
+                self._account(out)
+                if span.is_recording():
+                    self._trace(span, out, first)
+                first, last = False, out
+                yield self._event(out)
+        finally:
+            if span.is_recording() and last is not None:
+                span.set_attribute("tidal.finish_reason", last.finish_reason or "cancelled")
+                span.set_attributes({f"tidal.{k}": v for k, v in last.stats.items() if isinstance(v, (int, float))})
+            span.end()
+
+    @staticmethod
+    def _trace(span, out, first: bool) -> None:
+        """Queue and prefill as child spans (from the engine's timestamps), each step as an event."""
+        t = out.times
+        if first:
+            parent = trace.set_span_in_context(span)
+            tracer = telemetry.tracer()
+            for name, start, end in (("queue", t["arrival"], t["first_scheduled"]),
+                                     ("prefill", t["first_scheduled"], t["first_token"])):
+                if start is not None and end is not None:
+                    tracer.start_span(name, context=parent, start_time=telemetry.ns(start)).end(telemetry.ns(end))
+        if out.step is not None:
+            s = out.step
+            accepted = s["accepted"]
+            span.add_event("decode_step", {
+                "tidal.drafts_offered": s["drafted"], "tidal.drafts_accepted": accepted,
+                "tidal.acceptance_by_position": [int(i < accepted) for i in range(s["drafted"])],
+                "tidal.proposal_level": -1 if s["level"] is None else s["level"],
+                "tidal.tokens_committed": s["committed"], "tidal.batch_size": s["batch_size"]})
+
+    @staticmethod
+    def _event(out) -> dict:
+        return {"request_id": out.request_id, "token_ids": out.new_token_ids, "finished": out.finished,
+                "finish_reason": out.finish_reason, "step": out.step, "stats": out.stats, "error": out.error,
+                "prompt_tokens": len(out.prompt_token_ids)}
 
     def _account(self, out) -> None:
         t = self.totals

@@ -121,6 +121,8 @@ class Ingress:
             out = pb.AcceptStats(drafted=step["drafted"], accepted=step["accepted"])
             if step["level"] is not None:
                 out.level = step["level"]
+            if step.get("batch_size") is not None:
+                out.batch_size = step["batch_size"]
             return out
         return pb.AcceptStats(forwards=stats["forwards"], drafted=stats.get("drafted", 0),
                               accepted=stats.get("accepted", 0),
@@ -161,6 +163,10 @@ class Ingress:
                 yield msg
         except Exception as e:
             self._fail(grpc_context, e)
+            # Re-raise: Serve's proxy copies a streaming method's grpc_context only along with a yielded
+            # message, so a stream that fails before (or after) its last message would end with status
+            # OK. A raise with the code already set reaches the client as that code (gRPCStatusError).
+            raise
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         ok = not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0

@@ -223,7 +223,14 @@ class LLMEngine:
                  ) -> list[RequestOutput]:
         """Run prompts to completion together; results in prompt order."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                ids.append(self.add_request(p, sp))
+        except InvalidRequest:
+            for i in ids:  # all or nothing: don't leave the valid prompts running with no one to collect them
+                self.abort(i)
+            raise
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 
 class ModelLoadError(ValueError):
@@ -58,7 +58,7 @@ def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:  # unreadable, truncated or not a safetensors file
             raise ModelLoadError(f"cannot read {file}: {e}") from None
 
 

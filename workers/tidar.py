@@ -71,7 +71,8 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
                       cfg.mix_weight if cfg.sampler == "mix" else 1.0)
     level = None
     if s.levels:
-        j = max(i for i, p in enumerate(s.levels) if p <= n)
+        # the block with the largest level <= n (levels need not be sorted)
+        j = max((i for i, p in enumerate(s.levels) if p <= n), key=lambda i: s.levels[i])
         level = s.levels[j]
         block = logits[k + 1 + j * s.block_len : k + 1 + (j + 1) * s.block_len]
         # slot i of the block sits at anchor + level + 1 + i; keep the slots after the new anchor

@@ -1,0 +1,124 @@
+"""Traces (OpenTelemetry, OTLP) and metrics (Prometheus text format).
+
+Tracing is configured by the standard variables: OTEL_TRACES_EXPORTER (otlp | console | none, the
+default), OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL (grpc | http/protobuf), OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT,
+OTEL_TRACES_SAMPLER[_ARG], OTEL_SERVICE_NAME. Off, every span is a no-op and no attributes are built.
+Each Serve process (ingress, engine replicas) sets itself up; the trace context crosses the Ray hop
+inside the request dict as a W3C traceparent carrier.
+
+Metric names follow vLLM's where vLLM has the metric (so its dashboards work), `tidal:` otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+from opentelemetry import propagate, trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OTEL_PREFIX = "OTEL_"
+_tracing_ready = False
+
+
+def otel_env() -> dict[str, str]:
+    """The OTEL_* variables of this process, to forward to Ray workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith(OTEL_PREFIX)}
+
+
+def setup_tracing(service: str = "tidal") -> None:
+    global _tracing_ready
+    if _tracing_ready:
+        return
+    _tracing_ready = True
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    if kind in ("", "none"):
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if kind == "console":
+        exporter = ConsoleSpanExporter()
+    elif kind == "otlp":
+        protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                    or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc")
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        exporter = OTLPSpanExporter()
+    else:
+        raise ValueError(f"OTEL_TRACES_EXPORTER={kind!r} is not supported (otlp, console or none)")
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)})
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+def tracer():
+    return trace.get_tracer("tidal")
+
+
+def extract(carrier: dict[str, str]):
+    """Trace context from gRPC metadata, HTTP headers or a forwarded carrier (keys lower-case)."""
+    return propagate.extract({k.lower(): v for k, v in carrier.items()})
+
+
+def inject() -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def ns(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1e9)
+
+
+class Metrics:
+    """Counters and histograms the ingress updates from the streamed step events."""
+
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        self.model = model_name
+        labels = ["model_name"]
+        self.num_drafts = Counter("vllm:spec_decode_num_drafts", "Verify steps that checked drafts", labels, registry=r)
+        self.num_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens offered", labels, registry=r)
+        self.num_accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", labels,
+                                           registry=r)
+        self.accepted_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                        "Accepted draft tokens by draft position", labels + ["position"], registry=r)
+        self.tokens_per_forward = Histogram("tidal:tokens_per_forward", "Tokens a request committed in one step",
+                                            labels, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", labels, registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed steps per token", labels,
+                             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.requests = Counter("vllm:request_success", "Finished requests by finish reason", labels + ["finished_reason"],
+                                registry=r)
+        self.rejected = Counter("tidal:requests_rejected", "Requests refused by status", labels + ["status"], registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests admitted, waiting for a batch slot", labels,
+                             registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Share of KV blocks in use (mean over replicas)", labels,
+                              registry=r)
+        self.replicas = Gauge("tidal:engine_replicas", "Live engine replicas", labels, registry=r)
+
+    def step(self, step: dict, committed: int, seconds_since_last: float | None) -> None:
+        m = self.model
+        if step["drafted"]:
+            self.num_drafts.labels(m).inc()
+            self.num_draft_tokens.labels(m).inc(step["drafted"])
+            self.num_accepted_tokens.labels(m).inc(step["accepted"])
+            for pos in range(step["accepted"]):
+                self.accepted_per_pos.labels(m, str(pos)).inc()
+        if committed:
+            self.tokens_per_forward.labels(m).observe(committed)
+            if seconds_since_last is not None:
+                self.itl.labels(m).observe(seconds_since_last / committed)
+
+    def load(self, summary: dict) -> None:
+        m = self.model
+        self.waiting.labels(m).set(summary["queue_depth"])
+        self.running.labels(m).set(summary["running"])
+        self.kv_usage.labels(m).set(summary["kv_usage"])
+        self.replicas.labels(m).set(summary["replicas"])

@@ -1,0 +1,549 @@
+"""End to end serving (GitHub issue 6): one Ray Serve app for the module, real gRPC and `openai` clients.
+
+The app serves a tiny random ZAYA (byte-level tokenizer) built here, with small admission limits so that
+a burst overloads it; the other tests send at most a few requests at a time, well inside those limits.
+Greedy results are compared with offline generation by `LLMEngine` on the same checkpoint.
+
+The last test stops the module's app and runs `tidal serve --api-key` as a subprocess: API-key checks
+need a different ServeConfig, and a second Serve app next to the first is too heavy for 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve")
+
+import ray  # noqa: E402
+
+from proto import tidal_pb2 as pb  # noqa: E402
+from proto import tidal_pb2_grpc as pbg  # noqa: E402
+from workers.config import EngineConfig, SamplingParams  # noqa: E402
+from workers.engine import LLMEngine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MD = [("application", "tidal")]
+PROMPT = "Hello tidal"
+MAX_NUM_SEQS, MAX_QUEUED, MAX_ONGOING = 2, 4, 6
+MAX_MODEL_LEN = 4096  # make_zaya's max_position_embeddings; the KV pool below holds 2 such requests
+LONG = 4000  # tokens: a stream that would run for many seconds unless it is aborted
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(prompt, max_tokens: int, **kw) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True), **kw)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+class Server:
+    def __init__(self, model: str, grpc_port: int, http_port: int):
+        self.model, self.grpc_port, self.http_port = model, grpc_port, http_port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        self.gen = pbg.GenerationStub(self.channel)
+        self.ctl = pbg.ControlStub(self.channel)
+        self.base = f"http://127.0.0.1:{http_port}"
+        self.stopped = False
+
+    def stats(self) -> pb.Stats:
+        return self.ctl.GetStats(pb.StatsRequest(), metadata=MD, timeout=10)
+
+    def wait_idle(self, timeout_s: float = 10.0) -> pb.Stats:
+        """Poll GetStats (replicas report every 0.5 s) until nothing runs, waits, or holds KV blocks."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.stats()
+            if s.running == 0 and s.queue_depth == 0 and s.kv_usage == 0:
+                return s
+            assert time.monotonic() < deadline, f"not idle after {timeout_s} s: {s}"
+            time.sleep(0.1)
+
+    def wait_running(self, timeout_s: float = 10.0) -> pb.Stats:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.stats()
+            if s.running >= 1 and s.kv_usage > 0:
+                return s
+            assert time.monotonic() < deadline, f"request never seen running: {s}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        from router import app
+
+        self.channel.close()
+        try:
+            app.drain_and_stop(timeout_s=20)
+        finally:
+            ray.shutdown()
+
+
+def http(url: str, body=None, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    """(status, JSON body) of a GET (body None) or POST; `body` may be raw bytes."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_ready(gen: pbg.GenerationStub, metadata, timeout_s: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            gen.Generate(request(PROMPT, 1), metadata=metadata, timeout=20)
+            return
+        except grpc.RpcError as e:
+            assert alive(), "the server exited while starting"
+            assert time.monotonic() < deadline, f"server not ready after {timeout_s} s: {e.code()} {e.details()}"
+            time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from bench.random_model import make_zaya
+
+    return str(make_zaya(tmp_path_factory.mktemp("serving") / "zaya", hidden=64, layers=2, head_dim=16))
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model_dir))
+
+
+def reference(engine: LLMEngine, prompt, n: int):
+    return engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from cluster.ray_cluster import ensure_ray
+    from router import app
+    from router.config import ServeConfig
+
+    if not ray.is_initialized():
+        # replicas import proto/, router/, workers/ from this checkout (it need not be pip-installed)
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ensure_ray()
+    cfg = ServeConfig.load(None, **{
+        "engine.model": model_dir, "grpc_port": free_port(), "http_port": free_port(),
+        "engine.max_num_seqs": MAX_NUM_SEQS, "engine.kv_cache_bytes": 4 << 20,
+        "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING})
+    srv = Server(model_dir, cfg.grpc_port, cfg.http_port)
+    try:
+        app.start(cfg)
+        wait_ready(srv.gen, MD, timeout_s=180)
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ---- 1. gRPC: unary and streamed results equal offline generation -------------------------------------
+
+
+@pytest.mark.parametrize("prompt,n", [(PROMPT, 24), ([5, 17, 200, 33, 90, 259, 0], 12)], ids=["text", "token_ids"])
+def test_grpc_generate_matches_offline(server, offline, prompt, n):
+    ref = reference(offline, prompt, n)
+    req = request(prompt, n, return_text=True)
+
+    r = server.gen.Generate(req, metadata=MD, timeout=60)
+    assert list(r.token_ids) == ref.output_token_ids
+    assert r.finish_reason == "length" and r.request_id
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ref.prompt_token_ids), n)
+    assert r.usage.speculative.forwards == n  # AR mode: one forward per token
+    assert r.text == offline.decode(ref.output_token_ids)
+
+    req.request_id = f"stream-{n}"
+    msgs = list(server.gen.GenerateStream(req, metadata=MD, timeout=60))
+    assert [t for m in msgs for t in m.token_ids] == ref.output_token_ids
+    assert {m.request_id for m in msgs} == {req.request_id}
+    assert all(m.HasField("step") and m.step.batch_size == 1 for m in msgs)
+    for m in msgs[:-1]:
+        assert not m.finish_reason and not m.HasField("usage")
+    last = msgs[-1]
+    assert last.finish_reason == "length"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ref.prompt_token_ids), n)
+    assert "".join(m.text for m in msgs) == r.text
+
+    # without return_text no text is sent
+    plain = server.gen.Generate(request(prompt, n), metadata=MD, timeout=60)
+    assert list(plain.token_ids) == ref.output_token_ids and plain.text == ""
+
+
+def test_control_plane(server, offline):
+    assert server.ctl.Health(pb.HealthRequest(), metadata=MD, timeout=10).status == pb.HealthResponse.SERVING
+    info = server.ctl.GetModelInfo(pb.ModelInfoRequest(), metadata=MD, timeout=10)
+    assert (info.model, info.architecture, info.mode) == ("tidal", "ZayaForCausalLM", "ar")
+    assert (info.vocab_size, info.max_model_len) == (offline.vocab_size, MAX_MODEL_LEN)
+    assert list(info.eos_token_ids) == sorted(offline.eos_token_ids)
+    s = server.stats()
+    assert s.replicas == 1 and s.finished_requests > 0 and s.forwards > 0
+    status, body = http(f"{server.base}/health")
+    assert (status, body) == (200, {"status": "ok"})
+
+
+# ---- 2. the official openai client against the HTTP API ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def test_openai_models(client):
+    assert [m.id for m in client.models.list().data] == ["tidal"]
+
+
+def test_openai_completions(client, offline):
+    n = 12
+    ref = reference(offline, PROMPT, n)
+    want = offline.decode(ref.output_token_ids)
+    extra = {"extra_body": {"ignore_eos": True}}
+
+    c = client.completions.create(model="tidal", prompt=PROMPT, max_tokens=n, **extra)
+    assert c.choices[0].text == want and c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == (len(PROMPT), n, len(PROMPT) + n)
+    assert c.model == "tidal" and c.object == "text_completion"
+
+    chunks = list(client.completions.create(model="tidal", prompt=PROMPT, max_tokens=n, stream=True, **extra))
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert [ch.choices[0].finish_reason for ch in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == n and chunks[-1].usage.prompt_tokens == len(PROMPT)
+    assert chunks[-1].model_extra["tidal"]["forwards"] == n
+
+    # token-id prompts, and the documented extra field `tidal` in the raw JSON
+    raw = client.completions.with_raw_response.create(model="tidal", prompt=ref.prompt_token_ids, max_tokens=n, **extra)
+    body = json.loads(raw.text)
+    assert raw.status_code == 200 and body["choices"][0]["text"] == want
+    assert body["tidal"]["forwards"] == n and body["tidal"]["tokens_per_forward"] == 1.0
+    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": n, "total_tokens": len(PROMPT) + n}
+
+
+def test_openai_chat_completions(client, offline):
+    n = 10
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    transcript = "system: be brief\nuser: hi\nassistant:"  # ChatRequest.prompt(): no chat template
+    ref = reference(offline, transcript, n)
+    want = offline.decode(ref.output_token_ids)
+    extra = {"extra_body": {"ignore_eos": True}}
+
+    c = client.chat.completions.create(model="tidal", messages=messages, max_tokens=n, **extra)
+    assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == want
+    assert c.choices[0].finish_reason == "length" and c.object == "chat.completion"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens) == (len(ref.prompt_token_ids), n)
+
+    chunks = list(client.chat.completions.create(model="tidal", messages=messages, max_tokens=n, stream=True,
+                                                 stream_options={"include_usage": True}, **extra))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (len(ref.prompt_token_ids), n)
+
+    raw = client.chat.completions.with_raw_response.create(model="tidal", messages=messages, max_completion_tokens=n,
+                                                           **extra)
+    body = json.loads(raw.text)
+    assert body["choices"][0]["message"]["content"] == want and body["tidal"]["forwards"] == n
+    assert body["usage"]["completion_tokens"] == n
+
+
+# ---- 3. concurrent requests share engine steps ---------------------------------------------------------
+
+
+def test_concurrent_streams_are_batched(server):
+    n, k = 24, 4
+    time.sleep(0.6)  # let a fresh stats report land
+    before = server.stats()
+    start = threading.Barrier(k)
+
+    def stream(i):
+        start.wait()
+        return list(server.gen.GenerateStream(request([10 + i, 20, 30 + i], n), metadata=MD, timeout=60))
+
+    with ThreadPoolExecutor(k) as ex:
+        results = list(ex.map(stream, range(k)))
+    sizes = [m.step.batch_size for msgs in results for m in msgs]
+    for msgs in results:
+        assert sum(len(m.token_ids) for m in msgs) == n and msgs[-1].finish_reason == "length"
+    assert max(sizes) > 1, f"no step ran two requests together: {sizes}"
+    assert max(sizes) <= MAX_NUM_SEQS and min(sizes) >= 1
+    after = server.wait_idle()
+    time.sleep(0.6)
+    after = server.stats()
+    # k * n tokens (plus a prefill each) took fewer engine steps than running them one by one would
+    assert after.forwards - before.forwards < k * n
+    assert after.finished_requests - before.finished_requests == k
+
+
+# ---- 4. cancelled streams and expired deadlines free their KV blocks ----------------------------------
+
+
+def test_cancelled_stream_frees_kv(server):
+    before = server.wait_idle()
+    call = server.gen.GenerateStream(request(PROMPT, LONG), metadata=MD, timeout=120)
+    got = [next(call), next(call)]
+    assert all(len(m.token_ids) == 1 for m in got)
+    server.wait_running()
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as e:
+        next(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    after = server.wait_idle(timeout_s=8)
+    assert after.forwards - before.forwards < LONG // 2, "the request ran on after its stream was cancelled"
+    assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_deadline_exceeded_frees_kv(server, streaming):
+    before = server.wait_idle()
+    seen = threading.Event()
+
+    def watch():  # the request did get going before its deadline
+        while not seen.is_set():
+            s = server.stats()
+            if s.running:
+                seen.set()
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        if streaming:
+            for _ in server.gen.GenerateStream(request(PROMPT, LONG), metadata=MD, timeout=1.5):
+                pass
+        else:
+            server.gen.Generate(request(PROMPT, LONG), metadata=MD, timeout=1.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 5
+    watcher.join(timeout=5)
+    ran = seen.is_set()
+    seen.set()
+    assert ran, "the request was never seen running"
+    after = server.wait_idle(timeout_s=8)
+    assert after.forwards - before.forwards < LONG // 2, "the request ran on after its deadline"
+
+
+# ---- 5. bad input: INVALID_ARGUMENT / 400, while good requests carry on -------------------------------
+
+BAD_GRPC = [
+    ("empty prompt", request("", 4), "prompt is empty"),
+    ("empty token ids", pb.GenerateRequest(token_ids=pb.TokenIds(), sampling=pb.SamplingParams(max_tokens=4)),
+     "prompt is empty"),
+    ("zero max_tokens", request(PROMPT, 0), "max_tokens"),  # uint32 on the wire: negative cannot be sent
+    ("unknown model", request(PROMPT, 4, model="gpt-9"), "unknown model 'gpt-9'"),
+    ("oversize prompt", request("x" * (MAX_MODEL_LEN + 10), 4), f"context holds {MAX_MODEL_LEN}"),
+    ("token id out of range", request([1, 2, 999], 4), "out of range"),
+    ("bad top_p", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, top_p=0.0)), "top_p"),
+]
+
+
+def _good_stream(server, n: int = 16) -> list[int]:
+    return [t for m in server.gen.GenerateStream(request(PROMPT, n), metadata=MD, timeout=60) for t in m.token_ids]
+
+
+@pytest.mark.parametrize("case", BAD_GRPC, ids=[c[0] for c in BAD_GRPC])
+def test_grpc_bad_input(server, case):
+    _, req, message = case
+    with ThreadPoolExecutor(1) as ex:
+        good = ex.submit(_good_stream, server)
+        for call in (server.gen.Generate, lambda *a, **k: list(server.gen.GenerateStream(*a, **k))):
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, metadata=MD, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert message in e.value.details()
+        assert len(good.result(timeout=60)) == 16
+    assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
+
+
+BAD_HTTP = [
+    ("empty prompt", {"prompt": ""}, "prompt is empty"),
+    ("negative max_tokens", {"prompt": PROMPT, "max_tokens": -1}, "max_tokens"),
+    ("unknown model", {"prompt": PROMPT, "model": "gpt-9"}, "unknown model 'gpt-9'"),
+    ("oversize prompt", {"prompt": "x" * (MAX_MODEL_LEN + 10)}, f"context holds {MAX_MODEL_LEN}"),
+    ("token id out of range", {"prompt": [1, 2, 999]}, "out of range"),
+    ("malformed JSON", b'{"prompt": "hi", max_tokens: }', "JSON"),
+    ("missing prompt", {"max_tokens": 4}, "prompt"),
+    ("wrong type", {"prompt": PROMPT, "max_tokens": "many"}, "max_tokens"),
+    ("n > 1", {"prompt": PROMPT, "n": 2}, "n: Input should be less than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_HTTP, ids=[c[0] for c in BAD_HTTP])
+def test_http_bad_input(server, case):
+    _, body, message = case
+    with ThreadPoolExecutor(1) as ex:
+        good = ex.submit(_good_stream, server)
+        bodies = [body] if isinstance(body, bytes) else [body, {**body, "stream": True}]
+        for b in bodies:
+            status, reply = http(f"{server.base}/v1/completions", b)
+            assert status == 400, reply
+            assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["code"] == 400
+            assert message in reply["error"]["message"], reply
+        assert len(good.result(timeout=60)) == 16
+    status, reply = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 4
+
+
+def test_openai_bad_request_error(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert "unknown model" in str(e.value)
+
+
+# ---- 6. overload: RESOURCE_EXHAUSTED / 429 at once, admitted requests complete -------------------------
+
+BURST, BURST_TOKENS = 20, 100
+
+
+def _burst(fn) -> list[tuple]:
+    start = threading.Barrier(BURST)
+
+    def one(i):
+        start.wait()
+        t0 = time.monotonic()
+        outcome = fn(i)
+        return outcome + (time.monotonic() - t0,)
+
+    with ThreadPoolExecutor(BURST) as ex:
+        return list(ex.map(one, range(BURST)))
+
+
+def _check_burst(results, ok, rejected):
+    """results: (outcome, detail, seconds); every request either completed in full or was refused fast."""
+    assert {r[0] for r in results} <= {ok, rejected}, results
+    done = [r for r in results if r[0] == ok]
+    refused = [r for r in results if r[0] == rejected]
+    assert done, f"nothing admitted: {results}"
+    assert refused, f"a burst of {BURST} got no {rejected} ({len(done)} admitted)"
+    assert all(r[1] == BURST_TOKENS for r in done), done
+    # refused at once: not after waiting for a slot (relative to the burst, so a busy machine doesn't fail it)
+    slowest = max(r[2] for r in done)
+    assert min(r[2] for r in refused) < min(slowest / 2, 5.0), (refused, slowest)
+    assert all(r[2] < slowest for r in refused), (refused, slowest)
+
+
+def test_grpc_overload(server):
+    server.wait_idle()
+
+    def one(i):
+        req = request([3 + i, 7, 11], BURST_TOKENS)
+        try:
+            if i % 2:  # streams too: a refused stream must end with the code, not OK and no messages
+                msgs = list(server.gen.GenerateStream(req, metadata=MD, timeout=120))
+                assert msgs and msgs[-1].finish_reason == "length"
+                return ("OK", sum(len(m.token_ids) for m in msgs))
+            return ("OK", len(server.gen.Generate(req, metadata=MD, timeout=120).token_ids))
+        except grpc.RpcError as e:
+            return (e.code().name, e.details())
+
+    results = _burst(one)
+    _check_burst(results, "OK", "RESOURCE_EXHAUSTED")
+    server.wait_idle()
+    assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
+
+
+def test_http_overload(server):
+    server.wait_idle()
+
+    def one(i):
+        status, body = http(f"{server.base}/v1/completions",
+                            {"prompt": [3 + i, 7, 11], "max_tokens": BURST_TOKENS, "ignore_eos": True}, timeout=120)
+        if status == 200:
+            return (200, body["usage"]["completion_tokens"])
+        assert body["error"]["type"] == "rate_limit_error", body
+        return (status, body["error"]["message"])
+
+    results = _burst(one)
+    _check_burst(results, 200, 429)
+    server.wait_idle()
+    status, body = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 200
+
+
+# ---- drain (last test on the module's app: it stops taking work) ---------------------------------------
+
+
+def test_drain_refuses_new_work(server):
+    server.wait_idle()
+    assert server.ctl.Drain(pb.DrainRequest(), metadata=MD, timeout=10).in_flight == 0
+    assert server.ctl.Health(pb.HealthRequest(), metadata=MD, timeout=10).status == pb.HealthResponse.NOT_SERVING
+    for call in (server.gen.Generate, lambda *a, **k: list(server.gen.GenerateStream(*a, **k))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(request(PROMPT, 4), metadata=MD, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+    assert http(f"{server.base}/health")[0] == 503
+    status, body = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 503 and "draining" in body["error"]["message"]
+
+
+# ---- `tidal serve` as a process: API key, SIGTERM ------------------------------------------------------
+
+
+def test_tidal_serve_api_key_and_sigterm(server, model_dir, tmp_path):
+    server.stop()  # one Serve app at a time on this machine
+    key = "s3cret"
+    grpc_port, http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--model", model_dir, "--grpc-port", str(grpc_port),
+                             "--http-port", str(http_port), "--api-key", key],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    try:
+        gen, authed = pbg.GenerationStub(channel), MD + [("authorization", f"Bearer {key}")]
+        wait_ready(gen, authed, timeout_s=180, alive=lambda: proc.poll() is None)
+
+        assert len(gen.Generate(request(PROMPT, 4), metadata=authed, timeout=30).token_ids) == 4
+        for metadata in (MD, MD + [("authorization", "Bearer wrong")]):
+            for call in (gen.Generate, lambda *a, **k: list(gen.GenerateStream(*a, **k))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request(PROMPT, 4), metadata=metadata, timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "API key" in e.value.details()
+
+        url = f"http://127.0.0.1:{http_port}/v1/completions"
+        status, body = http(url, {"prompt": PROMPT, "max_tokens": 4})
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert http(url, {"prompt": PROMPT, "max_tokens": 4}, {"x-api-key": key})[0] == 200
+        good = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=key, max_retries=0, timeout=60)
+        assert good.completions.create(model="tidal", prompt=PROMPT, max_tokens=4).usage.completion_tokens == 4
+        with pytest.raises(openai.AuthenticationError):
+            good.with_options(api_key="wrong").completions.create(model="tidal", prompt=PROMPT, max_tokens=4)
+
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert time.monotonic() - t0 < 30
+    finally:
+        channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
