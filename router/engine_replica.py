@@ -31,7 +31,6 @@ class EngineReplica:
         self.draining = False
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
-        self._board = StatsBoard.get()
         self._report_task = None
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
@@ -118,8 +117,9 @@ class EngineReplica:
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def _report_loop(self) -> None:
+        board = StatsBoard.get()
         while True:
-            self._board.report.remote(self.replica_id, self.stats())
+            board.report.remote(self.replica_id, self.stats())
             await asyncio.sleep(0.5)
 
     def __del__(self):

@@ -7,16 +7,20 @@ stream cancels the replica's generator, which aborts the request and frees its K
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 
 from proto import tidal_pb2 as pb
 from router import openai_api as oa
+from router import telemetry
 from router.config import ServeConfig
 from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
 from router.stats import StatsBoard
@@ -58,6 +62,8 @@ class Ingress:
         self.draining = False
         self.in_flight = 0
         self._info: dict | None = None
+        telemetry.setup_tracing()
+        self.metrics = telemetry.Metrics(self.config.model_name)
 
     # ---- shared edge logic --------------------------------------------------------------------------
 
@@ -83,15 +89,53 @@ class Ingress:
         SamplingParams.make(**sampling)  # fail fast, before a replica is involved
         return {"prompt": list(prompt), "sampling": sampling, "request_id": request_id or None}
 
-    async def _events(self, request: dict) -> AsyncIterator[dict]:
+    async def _events(self, request: dict, carrier: dict[str, str], operation: str) -> AsyncIterator[dict]:
+        """Stream one request from a replica inside its trace span, feeding the metrics as steps arrive."""
+        span = telemetry.tracer().start_span(f"{operation} {self.config.model_name}", kind=SpanKind.SERVER,
+                                             context=telemetry.extract(carrier))
+        if span.is_recording():
+            span.set_attributes(self._request_attributes(request, operation))
+        request["trace"] = telemetry.inject_from(span)
         self.in_flight += 1
+        start = last = time.monotonic()
+        outcome = "cancelled"
         try:
             async for event in self.engine.options(stream=True).generate.remote(request):
                 if event["error"]:
                     raise EngineFailure(event["error"])
+                now = time.monotonic()
+                if event["token_ids"] and last == start:
+                    self.metrics.ttft.labels(self.config.model_name).observe(now - start)
+                if event["step"] is not None:
+                    self.metrics.step(event["step"], len(event["token_ids"]), None if last == start else now - last)
+                last = now
+                if event["finished"]:
+                    outcome = event["finish_reason"]
+                    if span.is_recording():
+                        span.set_attributes({"gen_ai.response.id": event["request_id"],
+                                             "gen_ai.response.finish_reasons": [outcome],
+                                             "gen_ai.usage.input_tokens": event["prompt_tokens"],
+                                             "gen_ai.usage.output_tokens": event["stats"]["generated_tokens"]})
                 yield event
+        except Exception as e:
+            outcome = "error" if status_of(e)[1] >= 500 else None  # refusals are counted by _rejected
+            span.set_status(StatusCode.ERROR, message_of(e))
+            raise
         finally:
             self.in_flight -= 1
+            if outcome is not None:
+                self.metrics.requests.labels(self.config.model_name, outcome).inc()
+            span.end()
+
+    def _request_attributes(self, request: dict, operation: str) -> dict:
+        s = {k: v for k, v in request["sampling"].items() if v is not None and k in
+             ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+        return {"gen_ai.operation.name": operation, "gen_ai.request.model": self.config.model_name,
+                "gen_ai.system": "tidal", **{f"gen_ai.request.{k}": v for k, v in s.items()}}
+
+    def _rejected(self, err: BaseException) -> None:
+        _, status = status_of(err)
+        self.metrics.rejected.labels(self.config.model_name, str(status)).inc()
 
     async def _model_info(self) -> dict:
         if self._info is None:
@@ -109,8 +153,8 @@ class Ingress:
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id)
 
-    @staticmethod
-    def _fail(grpc_context, err: BaseException) -> None:
+    def _fail(self, grpc_context, err: BaseException) -> None:
+        self._rejected(err)
         code, _ = status_of(err)
         grpc_context.set_code(code)
         grpc_context.set_details(message_of(err))
@@ -138,7 +182,7 @@ class Ingress:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             ids, parts, last = [], [], None
-            async for event in self._events(req):
+            async for event in self._events(req, dict(grpc_context.invocation_metadata()), "text_completion"):
                 ids += event["token_ids"]
                 parts.append(text.add(event["token_ids"], event["finished"]))
                 last = event
@@ -152,7 +196,7 @@ class Ingress:
         try:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
-            async for event in self._events(req):
+            async for event in self._events(req, dict(grpc_context.invocation_metadata()), "text_completion"):
                 msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
                                                 text=text.add(event["token_ids"], event["finished"]))
                 if event["step"] is not None:
@@ -172,10 +216,22 @@ class Ingress:
         ok = not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0
         return pb.HealthResponse(status=pb.HealthResponse.SERVING if ok else pb.HealthResponse.NOT_SERVING)
 
+    def _grpc_authorized(self, grpc_context) -> bool:
+        try:
+            self._authorize(dict(grpc_context.invocation_metadata()))
+            return True
+        except Unauthenticated as e:
+            self._fail(grpc_context, e)
+            return False
+
     async def GetModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfo:
+        if not self._grpc_authorized(grpc_context):
+            return pb.ModelInfo()
         return pb.ModelInfo(model=self.config.model_name, **await self._model_info())
 
     async def GetStats(self, request: pb.StatsRequest, grpc_context) -> pb.Stats:
+        if not self._grpc_authorized(grpc_context):
+            return pb.Stats()
         s = await StatsBoard.get().summary.remote()
         return pb.Stats(replicas=s["replicas"], queue_depth=s["queue_depth"], running=s["running"],
                         kv_usage=s["kv_usage"], drafted=s["drafted"], accepted=s["accepted"],
@@ -183,7 +239,8 @@ class Ingress:
                         forwards=s["steps"])
 
     async def Drain(self, request: pb.DrainRequest, grpc_context) -> pb.DrainResponse:
-        self._authorize(dict(grpc_context.invocation_metadata()))
+        if not self._grpc_authorized(grpc_context):
+            return pb.DrainResponse()
         self.draining = True
         return pb.DrainResponse(in_flight=self.in_flight)
 
@@ -196,6 +253,7 @@ class Ingress:
     # ---- HTTP (OpenAI-compatible) -------------------------------------------------------------------
 
     def _http_error(self, err: BaseException) -> JSONResponse:
+        self._rejected(err)
         _, status = status_of(err)
         return JSONResponse(oa.error_body(message_of(err), status), status_code=status)
 
@@ -205,8 +263,17 @@ class Ingress:
             return JSONResponse({"status": "draining"}, status_code=503)
         return {"status": "ok"}
 
+    @http_app.get("/metrics")
+    async def metrics_text(self):
+        self.metrics.load(await StatsBoard.get().summary.remote())
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @http_app.get("/v1/models")
-    async def models(self):
+    async def models(self, raw: Request):
+        try:
+            self._authorize({k.lower(): v for k, v in raw.headers.items()})
+        except Unauthenticated as e:
+            return self._http_error(e)
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
                                             "owned_by": "tidal"}]}
 
@@ -220,9 +287,10 @@ class Ingress:
 
     async def _openai(self, body, raw: Request, prompt, rid: str, chat: bool):
         try:
-            self._authorize({k.lower(): v for k, v in raw.headers.items()})
+            headers = {k.lower(): v for k, v in raw.headers.items()}
+            self._authorize(headers)
             req = self._request(prompt, body.sampling(), body.model, None)
-            events = self._events(req)
+            events = self._events(req, headers, "chat" if chat else "text_completion")
             first = await anext(events)  # errors (bad input, overload) surface before any byte is sent
         except Exception as e:
             return self._http_error(e)

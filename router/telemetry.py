@@ -64,9 +64,10 @@ def extract(carrier: dict[str, str]):
     return propagate.extract({k.lower(): v for k, v in carrier.items()})
 
 
-def inject() -> dict[str, str]:
+def inject_from(span) -> dict[str, str]:
+    """A traceparent carrier naming `span` as the parent, for the next hop."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
     return carrier
 
 
