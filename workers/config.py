@@ -29,7 +29,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64, description="what torch.Generator.manual_seed accepts")
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
@@ -77,21 +77,12 @@ class TidarConfig(BaseModel):
     two_forward: bool = False
     mask_token_id: int | None = Field(None, ge=0, description="overrides the checkpoint's mask token")
     schedule: tuple[DraftRule, ...] | None = Field(
-        None, description="load-aware drafting; default: full K and levels at batch <= 4, then smaller, then AR")
+        None, description="static drafting by batch size; default: adaptive (measured acceptance and step cost)")
 
     @model_validator(mode="after")
     def _levels(self) -> "TidarConfig":
         DraftRule(max_batch=1, block_size=self.block_size, levels=self.levels)
         return self
-
-    def rules(self) -> tuple[DraftRule, ...]:
-        if self.schedule is not None:
-            return self.schedule
-        k, lv = self.block_size, self.levels
-        half = max(1, k // 2)
-        return (DraftRule(max_batch=4, block_size=k, levels=lv),
-                DraftRule(max_batch=16, block_size=half, levels=tuple(p for p in lv if p <= half) or (0,)),
-                DraftRule(max_batch=32, block_size=max(1, k // 4), levels=(0,)))
 
 
 class EngineConfig(BaseModel):

@@ -16,6 +16,7 @@ import torch
 from workers.attention import KVCache
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
+from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
 from workers.request import Request, RequestOutput, Status
@@ -64,10 +65,10 @@ class LLMEngine:
                 f"(looked for {', '.join(tidar.MASK_TOKEN_ATTRS)}); add one there or pass --mask-token-id")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < c.vocab_size:
             raise InvalidRequest(f"mask token id {self.mask_token_id} is outside the vocabulary (size {c.vocab_size})")
-        rules = config.tidar.rules() if config.mode == "tidar" else ()
+        self.policy = make_policy(config) if config.mode == "tidar" else None
         self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, rules, config.tidar.two_forward)
+                                   self.max_model_len, self.policy, config.tidar.two_forward)
         runner_args = dict(dtype=dtype, device=config.device, block_size=config.block_size, num_blocks=num_blocks,
                            num_state_slots=config.max_num_seqs)
         if config.ep_size > 1:
@@ -142,6 +143,7 @@ class LLMEngine:
                                   r.stats.as_dict(), error=str(e)) for r in failed]
 
     def _run(self, batch: list[Scheduled]) -> list[RequestOutput]:
+        self._step_slots, self._step_seconds = 0, 0.0
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)
@@ -168,6 +170,8 @@ class LLMEngine:
                 redraft.append(s)
         if redraft:
             self._draft_pass(redraft)
+        if self.policy is not None:
+            self.policy.observe(self._step_slots, self._step_seconds, [(o.drafted, o.accepted) for o in outcomes if o])
         return outputs
 
     def _known(self, s: Scheduled) -> list[int]:
@@ -176,8 +180,12 @@ class LLMEngine:
 
     def _forward(self, batch: list[Scheduled], layouts: list[StepLayout]) -> torch.Tensor:
         reqs = [s.request for s in batch]
-        return self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
-                                   [r.state_slot for r in reqs])
+        start = time.perf_counter()
+        logits = self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
+                                     [r.state_slot for r in reqs])
+        self._step_seconds += time.perf_counter() - start
+        self._step_slots += sum(len(lay.token_ids) for lay in layouts)
+        return logits
 
     def _draft_pass(self, batch: list[Scheduled]) -> None:
         """Two-forward mode: draft K tokens after each new anchor from the committed state."""

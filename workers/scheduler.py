@@ -6,8 +6,8 @@ budget, a running slot and free KV blocks allow. When blocks run out, the most r
 running request is preempted (its blocks freed; it is recomputed later from its tokens).
 
 TiDAR: a chunk that reaches the anchor also carries up to K drafts to verify and one proposal block
-of K+1 mask slots per level. K and the levels follow the load: the first rule of the draft schedule
-whose batch limit and token cost fit is used, and past the last rule decoding is plain AR.
+of K+1 mask slots per level. K and the levels for the step come from the draft policy
+(workers/draft_policy.py), which follows the load down to plain AR.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ class Scheduled:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 draft_rules: tuple[DraftRule, ...] = (), two_forward: bool = False):
+                 policy=None, two_forward: bool = False):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.draft_rules = draft_rules
+        self.policy = policy  # None: plain AR
         self.two_forward = two_forward  # decode steps verify only; a second forward drafts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -58,12 +58,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def draft_rule(self, batch: int) -> DraftRule | None:
-        """The first rule whose batch limit holds and whose whole-batch cost fits the budget; None = AR."""
-        for rule in self.draft_rules:
-            cost = (rule.block_size + 1) * (len(rule.levels) + 1)
-            if batch <= rule.max_batch and batch * cost <= self.max_num_batched_tokens:
-                return rule
-        return None
+        return self.policy.choose(batch) if self.policy is not None else None
 
     def schedule(self) -> list[Scheduled]:
         budget = self.max_num_batched_tokens

@@ -1,0 +1,72 @@
+"""Load-aware drafting: the policy picks K and levels by expected tokens per second, down to plain AR."""
+
+from workers.config import DraftRule, EngineConfig, TidarConfig
+from workers.draft_policy import AdaptivePolicy, StaticSchedule, ladder, make_policy, slots
+
+
+def feed(policy, step_time, acceptance, steps=200, k=16):
+    """Observe `steps` steps of a machine whose step time is step_time(slots) and whose requests accept
+    round(acceptance * k) of k drafts each step."""
+    for i in range(steps):
+        n_slots = 1 + (i % 7) * 9  # varied step sizes, as prefill chunks and layouts give
+        policy.observe(n_slots, step_time(n_slots), [(k, round(acceptance * k))])
+
+
+def test_ladder_lowers_levels_then_block_size():
+    rules = ladder(16, (0, 4, 8, 16))
+    assert [(r.block_size, r.levels) for r in rules] == [
+        (16, (0, 4, 8, 16)), (16, (0, 4, 8)), (16, (0, 4)), (16, (0,)), (8, (0,)), (4, (0,)), (2, (0,)), (1, (0,))]
+    assert slots(rules[0], False) == 17 * 5 and slots(None, False) == 1
+
+
+def test_no_acceptance_on_a_compute_bound_machine_means_ar():
+    policy = AdaptivePolicy(TidarConfig(), budget=100_000)
+    feed(policy, lambda s: 0.001 * s, acceptance=0.0)
+    choices = [policy.choose(1) for _ in range(200)]
+    tidar_steps = sum(c is not None for c in choices)
+    assert tidar_steps <= 200 // 16  # only the occasional cheapest-layout probe
+    assert all(c is None or (c.block_size, c.levels) == (1, (0,)) for c in choices)
+
+
+def test_high_acceptance_on_a_memory_bound_machine_drafts_fully_at_batch_1():
+    memory_bound = lambda s: 0.010 + 0.00001 * s  # extra slots almost free  # noqa: E731
+    policy = AdaptivePolicy(TidarConfig(), budget=100_000)
+    feed(policy, memory_bound, acceptance=1.0)  # every draft accepted: level 16 keeps K drafts coming
+    rule = policy.choose(1)
+    assert rule is not None and rule.block_size == 16 and rule.levels == (0, 4, 8, 16)
+
+    policy = AdaptivePolicy(TidarConfig(), budget=100_000)
+    feed(policy, memory_bound, acceptance=0.9)  # 14 of 16 accepted: level 16 is never selected, so it is dropped
+    rule = policy.choose(1)
+    assert rule is not None and rule.block_size == 16 and rule.levels == (0, 4, 8)
+
+
+def test_growing_batch_lowers_levels_then_k_then_ar():
+    policy = AdaptivePolicy(TidarConfig(), budget=1_000_000)
+    feed(policy, lambda s: 0.010 + 0.0001 * s, acceptance=0.8)
+    costs = []
+    for batch in (1, 4, 16, 64, 256, 1024):
+        rule = policy.choose(batch)
+        costs.append(slots(rule, False))
+        rows = policy.explain(batch)
+        chosen = next(r for r in rows if (r["block_size"], tuple(r["levels"])) ==
+                      ((rule.block_size, rule.levels) if rule else (0, ())))
+        assert chosen["tokens_per_time"] >= rows[0]["tokens_per_time"]  # never worse than AR by the model
+    assert costs == sorted(costs, reverse=True)  # never richer as the batch grows
+    assert costs[0] > 1 and costs[-1] == 1  # full drafting alone, plain AR when compute bound
+
+
+def test_static_schedule_follows_batch_limits_and_budget():
+    rules = (DraftRule(max_batch=2, block_size=8, levels=(0, 4, 8)), DraftRule(max_batch=8, block_size=4, levels=(0,)))
+    sched = StaticSchedule(rules, budget=64)
+    assert sched.choose(1) == rules[0]
+    assert sched.choose(2) is rules[1]  # 2 * 36 slots exceed the budget of 64
+    assert sched.choose(8) is None  # 8 * 10 > 64 -> AR
+    assert sched.choose(9) is None
+
+
+def test_engine_config_picks_policy():
+    adaptive = make_policy(EngineConfig(model="x", mode="tidar"))
+    static = make_policy(EngineConfig(model="x", mode="tidar", tidar=dict(
+        schedule=[dict(max_batch=4, block_size=4, levels=(0, 2))])))
+    assert isinstance(adaptive, AdaptivePolicy) and isinstance(static, StaticSchedule)

@@ -1,0 +1,148 @@
+"""How much to draft each step: K and the proposal levels as a function of load, down to plain AR.
+
+A TiDAR step with k drafts commits E(k) = 1 + sum_i prod_{j<=i} a_j tokens per request, where a_j is
+the measured rate at which draft j is accepted given drafts 1..j-1 were; k itself depends on the
+levels (see expected_drafts). It costs t(slots), the
+measured step time for that many token slots (a least-squares line over recent steps). The adaptive
+policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
+AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
+teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then, less often
+each time that retry loses. A static schedule (explicit rules by batch size) is also available.
+"""
+
+from __future__ import annotations
+
+from workers.config import DraftRule, TidarConfig
+
+NEVER = 1 << 30
+
+
+def ladder(block_size: int, levels: tuple[int, ...]) -> list[DraftRule]:
+    """Candidate layouts from the richest to the leanest: fewer levels, then smaller K."""
+    out, lv = [], sorted(levels)
+    while True:
+        out.append(DraftRule(max_batch=NEVER, block_size=block_size, levels=tuple(lv)))
+        if len(lv) == 1:
+            break
+        lv.pop()  # drop the highest level
+    k = block_size // 2
+    while k >= 1:
+        out.append(DraftRule(max_batch=NEVER, block_size=k, levels=(0,)))
+        k //= 2
+    return out
+
+
+def slots(rule: DraftRule | None, two_forward: bool) -> int:
+    if rule is None:
+        return 1
+    if two_forward:  # verify pass + draft pass [anchor, K+1 masks]
+        return (rule.block_size + 1) + (rule.block_size + 2)
+    return (rule.block_size + 1) * (len(rule.levels) + 1)
+
+
+class StaticSchedule:
+    """The first rule whose batch limit holds and whose whole-batch cost fits the token budget."""
+
+    def __init__(self, rules: tuple[DraftRule, ...], budget: int, two_forward: bool = False):
+        self.rules, self.budget, self.two_forward = rules, budget, two_forward
+
+    def choose(self, batch: int) -> DraftRule | None:
+        for rule in self.rules:
+            if batch <= rule.max_batch and batch * slots(rule, self.two_forward) <= self.budget:
+                return rule
+        return None
+
+    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]]) -> None:
+        pass
+
+
+class AdaptivePolicy:
+    DECAY = 0.98  # weight of past step-time samples per new sample
+    RATE = 0.05  # acceptance-rate learning rate
+
+    def __init__(self, cfg: TidarConfig, budget: int):
+        self.two_forward = cfg.two_forward
+        self.budget = budget
+        self.candidates = ladder(cfg.block_size, cfg.levels)
+        self.accept = [0.5] * cfg.block_size
+        # decayed least-squares sums for t = c0 + c1 * slots
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.explore_every, self.since_tidar, self.exploring = 16, 0, False
+
+    def step_time(self, num_slots: int) -> float:
+        """Fitted seconds for a step of `num_slots` slots; before two distinct sizes were seen, time ~ slots."""
+        var = self.n * self.sxx - self.sx * self.sx
+        if self.n < 2 or var <= 1e-9 * max(self.sxx, 1.0) * self.n:
+            return num_slots * (self.sy / self.sx if self.sx else 1.0)
+        c1 = max((self.n * self.sxy - self.sx * self.sy) / var, 0.0)
+        c0 = max((self.sy - c1 * self.sx) / self.n, 0.0)
+        return c0 + c1 * num_slots
+
+    def expected_tokens(self, k: float) -> float:
+        """1 + sum_{i <= k} prod_{j <= i} a_j; a fractional k takes that share of the next term."""
+        total, run = 1.0, 1.0
+        for i, a in enumerate(self.accept):
+            if i >= k:
+                break
+            run *= a
+            total += run * min(1.0, k - i)
+        return total
+
+    def expected_drafts(self, rule: DraftRule) -> float:
+        """Drafts the next step will have: after n accepted, the proposal at level p = max{p <= n} gives
+        K - (n - p) of them, so sparse levels trade drafts for a smaller forward."""
+        k, total, reach = rule.block_size, 0.0, 1.0  # reach = P(first n drafts all accepted)
+        for n in range(k + 1):
+            stop = 1.0 - self.accept[n] if n < k else 1.0
+            p = max(level for level in rule.levels if level <= n)
+            total += reach * stop * (k - (n - p))
+            reach *= self.accept[n] if n < k else 0.0
+        return total
+
+    def explain(self, batch: int) -> list[dict]:
+        """Expected tokens per second (in units of the fitted step time) for every candidate."""
+        rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0,
+                 "tokens_per_time": batch / max(self.step_time(batch), 1e-12)}]
+        for c in self.candidates:
+            if batch * slots(c, self.two_forward) > self.budget:
+                continue
+            e = self.expected_tokens(self.expected_drafts(c))
+            rows.append({"block_size": c.block_size, "levels": list(c.levels), "expected_tokens": e,
+                         "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12)})
+        return rows
+
+    def choose(self, batch: int) -> DraftRule | None:
+        rows = self.explain(batch)
+        best = max(rows, key=lambda r: r["tokens_per_time"])
+        self.exploring = False
+        if best["block_size"] == 0:
+            self.since_tidar += 1
+            fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= self.budget]
+            if not fits or self.since_tidar < self.explore_every:
+                return None
+            self.exploring, self.since_tidar = True, 0
+            return fits[-1]  # the cheapest layout, to refresh the acceptance estimates
+        self.since_tidar = 0
+        return DraftRule(max_batch=NEVER, block_size=best["block_size"], levels=tuple(best["levels"]))
+
+    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]]) -> None:
+        """One finished step: its token slots, its forward time, and (offered, accepted) per request."""
+        d = self.DECAY
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + num_slots, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + num_slots * num_slots, d * self.sxy + num_slots * seconds
+        for offered, accepted in verifies:
+            for i in range(min(offered, accepted + 1)):  # position i was tried only if all before it passed
+                self.accept[i] += self.RATE * ((i < accepted) - self.accept[i])
+        if self.exploring:
+            self.since_tidar = 0
+            rows = self.explain(1)
+            lost = max(rows, key=lambda r: r["tokens_per_time"])["block_size"] == 0
+            self.explore_every = min(self.explore_every * 2, 1024) if lost else 16
+
+
+def make_policy(cfg) -> StaticSchedule | AdaptivePolicy:
+    """cfg: EngineConfig in tidar mode."""
+    t = cfg.tidar
+    if t.schedule is not None:
+        return StaticSchedule(t.schedule, cfg.max_num_batched_tokens, t.two_forward)
+    return AdaptivePolicy(t, cfg.max_num_batched_tokens)
