@@ -11,6 +11,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import ray
 from opentelemetry import trace
 
 from router import telemetry
@@ -113,7 +114,9 @@ class EngineReplica:
         return in_flight
 
     def _ensure_reporter(self) -> None:
-        if self._report_task is None:
+        # the board is a Ray actor: outside Ray (a replica used in process) there is nowhere to report, and
+        # creating the actor would auto-start a local Ray cluster from inside the event loop
+        if self._report_task is None and ray.is_initialized():
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def _report_loop(self) -> None:
