@@ -29,6 +29,14 @@ def load_hf_config(model_dir: str | Path) -> SimpleNamespace:
         raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or not raw.get("architectures"):
         raise ModelLoadError(f"{cfg_file} names no 'architectures'")
+    arch = raw["architectures"]
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+        raise ModelLoadError(f"{cfg_file}: 'architectures' must be a list of class names, got {arch!r}")
+    # the engine sizes the KV pool from these before any model code runs
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        value = raw.get(key)
+        if type(value) is not int or value < 1:
+            raise ModelLoadError(f"{cfg_file}: {key!r} must be a positive integer, got {value!r}")
     return SimpleNamespace(**raw)
 
 

@@ -20,7 +20,9 @@ def make_generator(params: SamplingParams, device) -> torch.Generator | None:
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[N, V] logits -> [N, V] probabilities after temperature, top-k, then top-p (T > 0 only)."""
-    logits = logits.float() / params.temperature
+    # shift by the max first, in float64: at a tiny temperature l / T overflows to inf and softmax gives NaN
+    z = logits.double()
+    logits = ((z - z.amax(dim=-1, keepdim=True)) / params.temperature).float()
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
