@@ -44,14 +44,16 @@ class EngineReplica:
         params = SamplingParams.make(**request.get("sampling", {}))
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.get("trace", {})))
         first, last = True, None
+        stream = self.async_engine.generate(request["prompt"], params, request.get("request_id"))
         try:
-            async for out in self.async_engine.generate(request["prompt"], params, request.get("request_id")):
+            async for out in stream:
                 self._account(out)
                 if span.is_recording():
                     self._trace(span, out, first)
                 first, last = False, out
                 yield self._event(out)
         finally:
+            await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
             if span.is_recording() and last is not None:
                 span.set_attribute("tidal.finish_reason", last.finish_reason or "cancelled")
                 span.set_attributes({f"tidal.{k}": v for k, v in last.stats.items() if isinstance(v, (int, float))})

@@ -99,8 +99,9 @@ class Ingress:
         self.in_flight += 1
         start = last = time.monotonic()
         outcome = "cancelled"
+        upstream = self.engine.options(stream=True).generate.remote(request)
         try:
-            async for event in self.engine.options(stream=True).generate.remote(request):
+            async for event in upstream:
                 if event["error"]:
                     raise EngineFailure(event["error"])
                 now = time.monotonic()
@@ -122,6 +123,8 @@ class Ingress:
             span.set_status(StatusCode.ERROR, message_of(e))
             raise
         finally:
+            if outcome == "cancelled":
+                upstream.cancel()  # the client went away: stop the replica's stream (its KV is freed)
             self.in_flight -= 1
             if outcome is not None:
                 self.metrics.requests.labels(self.config.model_name, outcome).inc()
