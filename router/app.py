@@ -30,7 +30,7 @@ def build_app(args: dict) -> serve.Application:
         autoscaling_config=cfg.autoscaling.serve_dict(),
         max_ongoing_requests=cfg.max_ongoing_per_replica,
         max_queued_requests=cfg.max_queued_per_replica,
-        graceful_shutdown_timeout_s=60,
+        graceful_shutdown_timeout_s=cfg.autoscaling.drain_timeout_s,  # scale-down lets streams finish
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1,
                            "runtime_env": runtime_env},
     ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica)

