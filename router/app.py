@@ -31,6 +31,8 @@ def build_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.max_ongoing_per_replica,
         max_queued_requests=cfg.max_queued_per_replica,
         graceful_shutdown_timeout_s=cfg.autoscaling.drain_timeout_s,  # scale-down lets streams finish
+        request_router_config={"request_router_class": "router.prefix_router.PrefixAffinityRouter",
+                               "request_router_kwargs": {"prefix_tokens": 64, "max_imbalance": 4}},
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1,
                            "runtime_env": runtime_env},
     ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica)
