@@ -1,0 +1,168 @@
+"""The trainer (training/): optimisation works, training layouts agree with inference, exports load
+in our engine and in transformers with the same logits, and an interrupted run resumes exactly.
+
+Everything runs on a tiny ZAYA (hidden 64, head_dim 64, 2 layers, 2 experts) in a few seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from training import batches, fastconv, losses, optim, pipeline
+from training.export import write_model_dir
+from training.model import build_model, make_config
+
+SPECIAL = {"<pad>": 256, "<bos>": 257, "<eos>": 258, "<mask>": 259}  # bench.random_model.byte_tokenizer ids
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+            moe_intermediate_size=64, num_experts=2, router_hidden_size=16, max_position_embeddings=256)
+BLOCK = 17
+
+
+def tiny_model(seed: int = 0, perturb: bool = True):
+    config = make_config(260, SPECIAL, **TINY)
+    model = build_model(config, seed)
+    if perturb:  # move constant-initialised parameters off their constants so no path is an identity
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.2)
+                elif "embed_tokens" in name:
+                    p.mul_(10)
+    return config, model
+
+
+def windows(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (b, s + 1), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+def test_optimizer_steps_lower_the_loss_on_a_fixed_batch():
+    config, model = tiny_model(perturb=False)
+    seqs = windows(4, 40)
+    batch = batches.tidar_batch(seqs, BLOCK, SPECIAL["<mask>"], [0, 5, 11, 16])
+    opt = optim.make_optimizer(model, 3e-3)
+    first = None
+    for _ in range(6):
+        out = losses.compute(model, batch)
+        first = first if first is not None else out.loss.item()
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert losses.compute(model, batch).loss.item() < first - 0.05
+
+
+def test_gradient_reaches_every_parameter():
+    _, model = tiny_model()
+    batch = batches.tidar_batch(windows(3, 40, seed=1), BLOCK, SPECIAL["<mask>"], [3, 9, 0])
+    losses.compute(model, batch).loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_clean_half_logits_equal_a_plain_causal_forward():
+    """training_layout's clean rows see exactly what a causal forward sees (masks, positions, CCA branches)."""
+    _, model = tiny_model()
+    seqs = windows(3, 50, seed=2)
+    with torch.no_grad():
+        tb = batches.tidar_batch(seqs, BLOCK, SPECIAL["<mask>"], [0, 7, 13])
+        tidar = model.compute_logits(batches.forward_hidden(model, tb)[tb.rows]).view(3, 2, 50, -1)
+        ab = batches.ar_batch(seqs)
+        ar = model.compute_logits(batches.forward_hidden(model, ab)[ab.rows]).view(3, 50, -1)
+    assert ar.std() > 0.5
+    torch.testing.assert_close(tidar[:, 0], ar, atol=1e-4, rtol=1e-5)
+    # and the masked half is not a copy of it
+    assert (tidar[:, 1] - ar).abs().max() > 0.1
+
+
+def test_fast_conv_matches_the_stock_convolutions():
+    _, model = tiny_model()
+    fast = copy.deepcopy(model)
+    fastconv.install(fast)
+    batch = batches.tidar_batch(windows(2, 30, seed=3), BLOCK, SPECIAL["<mask>"], [2, 8])
+    ref, out = losses.compute(model, batch), losses.compute(fast, batch)
+    ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_export_loads_in_our_engine_and_in_transformers_with_the_same_logits(tmp_path):
+    from transformers import ZayaForCausalLM as HFZaya
+
+    from bench.random_model import byte_tokenizer
+    from workers.config import EngineConfig, SamplingParams
+    from workers.engine import LLMEngine
+    from workers.model_runner import StepLayout
+
+    config, model = tiny_model()
+    with torch.no_grad():  # real experts' balancing biases are trained too: make sure they survive the export
+        for m in model.modules():
+            if hasattr(m, "balancing_biases"):
+                m.balancing_biases[:-1] = torch.tensor([0.03, -0.03])
+    tok_file = tmp_path / "tok.json"
+    byte_tokenizer().save(str(tok_file))
+    out = write_model_dir(tmp_path / "model", config, model.state_dict(), tok_file, SPECIAL["<mask>"], "# card\n")
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert json.loads((out / "config.json").read_text())["mask_token_id"] == SPECIAL["<mask>"]
+
+    ids = windows(1, 40, seed=4)[0, :40].tolist()
+    with torch.no_grad():
+        b = batches.ar_batch(torch.tensor([ids + [0]]))
+        ours = model.compute_logits(batches.forward_hidden(model, b)[b.rows])
+        hf = HFZaya.from_pretrained(str(out)).eval()
+        theirs = hf(torch.tensor([ids])).logits[0].float()
+    engine = LLMEngine(EngineConfig(model=str(out), kv_cache_bytes=1 << 20))
+    lay = StepLayout.causal(ids, 0, True)
+    lay.logit_rows = list(range(len(ids)))
+    served = engine.runner.forward([lay], [0], [[0, 1, 2]], [0])
+    assert ours.std() > 0.5
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(served, ours, atol=1e-4, rtol=1e-5)
+
+    tidar = LLMEngine(EngineConfig(model=str(out), mode="tidar", kv_cache_bytes=1 << 20))
+    assert tidar.mask_token_id == SPECIAL["<mask>"]
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True)
+    assert tidar.generate([ids[:10]], greedy)[0].output_token_ids == engine.generate([ids[:10]], greedy)[0].output_token_ids
+
+
+TINY_RUN = ["--max-files", "4", "--vocab-size", "300", "--arch", json.dumps(TINY), "--seq-len", "32",
+            "--batch-size", "2", "--ar-tokens", "320", "--tidar-tokens", "256", "--eval-windows", "2",
+            "--eval-every", "0", "--quiet", "--export-dir", ""]
+DATA_FILES = ["train_files.txt", "heldout_files.txt", "skipped_files.txt", "data_root.txt", "tokenizer.json",
+              "train_tokens.pt", "heldout_tokens.pt"]
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert pipeline.main(["--out", str(whole), *TINY_RUN]) == 0
+    assert (whole / "DONE").is_file() and (whole / "ar-export" / "model.safetensors").is_file()
+    cut.mkdir()
+    for f in DATA_FILES:  # same data, without re-scanning the stdlib
+        shutil.copy(whole / f, cut / f)
+    assert pipeline.main(["--out", str(cut), *TINY_RUN, "--stop-after-steps", "3"]) == 0
+    state = torch.load(cut / "checkpoint.pt", weights_only=False)["state"]
+    assert (state["phase"], state["step"]) == (0, 3) and not (cut / "DONE").exists()
+    assert pipeline.main(["--out", str(cut), *TINY_RUN]) == 0  # resumes: same flags, no stop
+
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert a["state"]["phase"] == b["state"]["phase"] == 2
+    assert a["state"]["tokens"] == b["state"]["tokens"] == (5 + 4) * 2 * 32
+    for name, t in a["model"].items():
+        torch.testing.assert_close(b["model"][name], t, atol=0, rtol=0, msg=name)
+    steps = [p["steps"] for p in json.loads((cut / "summary.json").read_text())["phases"] if p.get("done")]
+    assert steps == [5, 4]

@@ -1,0 +1,71 @@
+"""Model inputs of one training batch, built with the engine's own layout code.
+
+`workers.masks.training_layout` (TiDAR) and `StepLayout` (AR) define masks, positions and CCA branches;
+`workers.model_runner.build_inputs` flattens them exactly as at inference. Nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.attention import AttentionMetadata, KVCache
+from workers.masks import training_layout
+from workers.model_runner import StepLayout, build_inputs
+
+
+@dataclass
+class Batch:
+    meta: AttentionMetadata
+    input_ids: torch.Tensor  # [T] T = B * slots per sequence (S for AR, 2S for TiDAR)
+    positions: torch.Tensor  # [T]
+    rows: torch.Tensor  # [N] flat rows whose logits the loss needs
+    targets: torch.Tensor  # [N] target token of each row
+    is_ar: torch.Tensor  # [N] bool: row is a next-token (clean) row, else a masked (diffusion) row
+    num_seqs: int
+
+
+def ar_layout(tokens: list[int]) -> StepLayout:
+    """Plain causal layout over a fresh sequence, every row returned; nothing is written to the KV cache."""
+    lay = StepLayout.causal(tokens, 0, True)
+    lay.num_write = 0  # training keeps no cache: writing would tie the dummy cache into the autograd graph
+    lay.logit_rows = list(range(len(tokens)))
+    return lay
+
+
+def ar_batch(seqs: torch.Tensor) -> Batch:
+    """seqs: [B, S + 1] token windows; rows 0..S-1 of each predict tokens 1..S."""
+    b, s1 = seqs.shape
+    s = s1 - 1
+    layouts = [ar_layout(row[:s].tolist()) for row in seqs]
+    meta, ids, pos, rows = build_inputs(layouts, [0] * b, [[]] * b, list(range(b)), block_size=16, device="cpu")
+    targets = seqs[:, 1:].reshape(-1)  # [B * S]
+    return Batch(meta, ids, pos, rows, targets, torch.ones(b * s, dtype=torch.bool), b)
+
+
+def tidar_batch(seqs: torch.Tensor, block_len: int, mask_token_id: int, offsets: list[int],
+                with_ar: bool = True) -> Batch:
+    """seqs: [B, S + 1]. Each sequence is training_layout(tokens[:S]) (2S slots): clean row t predicts
+    tokens[t + 1] (so row S - 1 uses the extra token), masked row S + t predicts tokens[t]."""
+    b, s1 = seqs.shape
+    s = s1 - 1
+    layouts = [training_layout(row[:s].tolist(), block_len, mask_token_id, offset=o) for row, o in zip(seqs, offsets)]
+    meta, ids, pos, rows = build_inputs(layouts, [0] * b, [[]] * b, list(range(b)), block_size=16, device="cpu")
+    # rows are all 2S slots per sequence in order: [clean 0..S-1, masked 0..S-1]
+    targets = torch.cat([seqs[:, 1:], seqs[:, :s]], dim=1)  # [B, 2S]
+    is_ar = torch.cat([torch.ones(b, s, dtype=torch.bool), torch.zeros(b, s, dtype=torch.bool)], dim=1)
+    if not with_ar:
+        keep = ~is_ar.reshape(-1)
+        return Batch(meta, ids, pos, rows[keep], targets.reshape(-1)[keep], is_ar.reshape(-1)[keep], b)
+    return Batch(meta, ids, pos, rows, targets.reshape(-1), is_ar.reshape(-1), b)
+
+
+def forward_hidden(model, batch: Batch) -> torch.Tensor:
+    """[T, H] final hidden states; a throwaway 1-block KV cache and fresh CCA state (cold start) per call."""
+    c = model.cfg
+    kv = KVCache(c.num_hidden_layers, 1, 16, c.num_key_value_heads, c.head_dim, torch.float32, "cpu")
+    state = model.make_state(batch.num_seqs, torch.float32, "cpu")
+    hidden = model(batch.input_ids, batch.positions, batch.meta, kv, state)
+    state.pending = [None] * len(state.pending)  # holds graph tensors; training never commits
+    return hidden
