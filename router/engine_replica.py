@@ -19,14 +19,14 @@ from router.errors import Draining, Overloaded
 from router.stats import StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig, SamplingParams
-from workers.engine import LLMEngine
+from workers.vllm_backend import create_engine
 
 
 class EngineReplica:
     def __init__(self, engine_config: dict, max_queued: int):
         telemetry.setup_tracing()
         self.config = EngineConfig(**engine_config)
-        self.engine = LLMEngine(self.config)
+        self.engine = create_engine(self.config)  # native, or vLLM with our plugin
         self.async_engine = AsyncEngine(self.engine)
         self.max_queued = max_queued
         self.draining = False

