@@ -4,7 +4,8 @@ Requests whose first `prefix_tokens` prompt tokens agree go to the same engine r
 hashing over the live replicas, so a scale event only moves the prefixes of the replicas that came or
 went), which is where a prefix cache pays off. Affinity yields to load: when the preferred replica's
 known queue is `max_imbalance` requests longer than the shortest, the request goes to the least
-loaded replicas instead. Serve then probes the chosen rank and falls through to the next on refusal.
+loaded replicas instead, and prompts shorter than `prefix_tokens` are routed by load alone. Serve then
+probes the chosen rank and falls through to the next on refusal.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        if not isinstance(request, dict) or "prompt" not in request:
-            return [candidate_replicas]
+        if not isinstance(request, dict) or len(request.get("prompt") or ()) < self.prefix_tokens:
+            return [candidate_replicas]  # no prefix worth a cache: the least loaded replica (Serve probes them)
         ids = [r.replica_id.unique_id for r in candidate_replicas]
         lens = [self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
         ranks = rank(prefix_key(request["prompt"], self.prefix_tokens), ids, lens, self.max_imbalance)
