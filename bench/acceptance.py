@@ -32,7 +32,7 @@ def prompts(engine: LLMEngine, n: int, context: int) -> list[list[int]]:
     corpus = find_corpus()
     out = []
     for text in texts(corpus, corpus.heldout):
-        ids = engine.encode(text)
+        ids = engine.tokenizer.encode(text).ids
         if len(ids) < context + 32:
             continue
         cut = ids[:context]

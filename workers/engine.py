@@ -19,7 +19,7 @@ from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
-from workers.request import Request, RequestOutput, Status
+from workers.request import Request, RequestOutput, Status, prompt_token_ids
 from workers import tidar
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
@@ -84,11 +84,7 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest("this model directory has no tokenizer.json; pass prompt token ids instead")
-            return self.tokenizer.encode(prompt).ids
-        return list(prompt)
+        return prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
@@ -97,16 +93,7 @@ class LLMEngine:
                     request_id: str | None = None) -> str:
         """Validate and queue a request; raises InvalidRequest without touching other requests."""
         params = params or SamplingParams()
-        ids = self.encode(prompt)
-        if not ids:
-            raise InvalidRequest("prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
-                "(including at least one generated token)")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")

@@ -8,7 +8,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.config import SamplingParams
+from workers.config import InvalidRequest, SamplingParams
+
+
+def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
+    """Tokenize (text) and validate a prompt the same way for every engine backend."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InvalidRequest("this model directory has no tokenizer.json; pass prompt token ids instead")
+        ids = tokenizer.encode(prompt).ids
+    else:
+        ids = list(prompt)
+    if not ids:
+        raise InvalidRequest("prompt is empty")
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    if len(ids) >= max_model_len:
+        raise InvalidRequest(f"prompt has {len(ids)} tokens but the context holds {max_model_len} "
+                             "(including at least one generated token)")
+    return ids
 
 
 class Status(enum.Enum):

