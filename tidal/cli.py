@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mix-weight", type=float, help="logit-mixing weight w of the AR logits (default 0.5)")
     g.add_argument("--draft-temperature", type=float, help="0: argmax drafts; > 0: sampled drafts")
     g.add_argument("--mask-token-id", type=int, help="mask token, when config.json names none")
+    g.add_argument("--fixed-drafting", action="store_true",
+                   help="draft K tokens with all the levels every step (default: adapt K and levels to measured "
+                        "acceptance and step cost, down to AR)")
     g.add_argument("--ep", type=int, default=1, help="expert-parallel worker actors on a local Ray (default 1: in-process)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     sv = sub.add_parser("serve", help="serve gRPC and OpenAI-style HTTP on a local (or given) Ray cluster")
@@ -186,7 +189,7 @@ def cmd_client(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from workers.config import EngineConfig, InvalidRequest, SamplingParams
+    from workers.config import EngineConfig, InvalidRequest, SamplingParams, TidarConfig
     from workers.loader import ModelLoadError
 
     if args.backend == "vllm":
@@ -201,6 +204,9 @@ def cmd_generate(args) -> int:
                                         sampler=args.sampler, mix_weight=args.mix_weight,
                                         draft_temperature=args.draft_temperature,
                                         mask_token_id=args.mask_token_id).items() if v is not None}
+        if args.fixed_drafting:
+            tidar["schedule"] = [{"max_batch": 1 << 30, "block_size": args.block_size or 16,
+                                  "levels": args.levels or TidarConfig().levels}]
         engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar,
                                                  ep_size=args.ep, backend=args.backend))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
