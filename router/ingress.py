@@ -10,7 +10,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse

@@ -55,14 +55,6 @@ def _save_zaya(path) -> None:
     ZayaForCausalLM(cfg).save_pretrained(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models are tiny: intra-op threads only add overhead, and on a busy machine a lot of it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def bm_checkpoints(tmp_path_factory) -> dict[str, str]:

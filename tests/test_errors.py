@@ -25,13 +25,6 @@ VOCAB = 64
 MAX_MODEL_LEN = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:

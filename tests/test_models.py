@@ -9,7 +9,6 @@ transformers' full-sequence forward of the same tokens.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 

@@ -53,7 +53,6 @@ from opentelemetry.proto.trace.v1 import trace_pb2  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from proto import tidal_pb2 as pb  # noqa: E402

@@ -36,7 +36,7 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
     lines = [
         f"# {Path(out).name if out else 'zaya-code-tiny'}",
         "",
-        f"A tiny ZAYA1 (`model_type: zaya`, `ZayaForCausalLM`) code model trained from scratch on CPU by Tidal's",
+        "A tiny ZAYA1 (`model_type: zaya`, `ZayaForCausalLM`) code model trained from scratch on CPU by Tidal's",
         f"`training` package: AR pretraining, then TiDAR block-diffusion conversion. This export: **{this}**.",
         "It exists to exercise the serving stack (drafting, verification, acceptance), not to write useful code.",
         "",
@@ -46,7 +46,7 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
         f"- Split by file: held out when sha256(relative path)[:8] < 5% of 2^64 -> {d['train_files']} train files",
         f"  ({d['train_tokens']:,} tokens), {d['heldout_files']} held-out files ({d['heldout_tokens']:,} tokens).",
         "  Lists: `train_files.txt`, `heldout_files.txt` in the run directory.",
-        f"- Documents are joined with `<eos>`; no `<bos>` is prepended (the engine does not add one either).",
+        "- Documents are joined with `<eos>`; no `<bos>` is prepended (the engine does not add one either).",
         "",
         "## Tokenizer",
         f"Byte-level BPE (`tokenizers`), vocabulary {t['vocab_size']}, trained on the train split; "
