@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "zaya-tiny-random"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "zaya-code-tiny"
 
 
 def _token_ids(text: str) -> list[int]:
