@@ -182,7 +182,7 @@ def test_rayservice_manifest_shape():
 
 
 def test_manifest_parses_into_kubernetes_objects():
-    k8s = pytest.importorskip("kubernetes")
+    import kubernetes as k8s
     api = k8s.client.ApiClient()
 
     def roundtrip(data: dict, kind: str):
@@ -246,7 +246,7 @@ def test_policy_sizes_by_engine_load():
 def test_serve_instantiates_the_policy_with_config_kwargs():
     from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
 
-    resolve = pytest.importorskip("ray.serve._private.autoscaling_state")._resolve_policy_callable
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable as resolve
     cfg = ServeConfig.load(str(EXAMPLE_CONFIG))
     policy = resolve(RayAutoscalingConfig(**cfg.autoscaling.serve_dict()).policy)
     assert type(policy).__name__ == "EngineLoadPolicy"
@@ -357,7 +357,7 @@ def wait_for(cond, timeout_s: float, what: str, period_s: float = 0.25):
 
 
 def test_burst_scales_up_then_down_answering_everything(local_app):
-    grpc = pytest.importorskip("grpc")
+    import grpc
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
 

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 
-grpc = pytest.importorskip("grpc")
-openai = pytest.importorskip("openai")
-pytest.importorskip("ray.serve")
+import grpc
+import openai
 
 import ray  # noqa: E402
 

@@ -36,9 +36,7 @@ from pathlib import Path
 
 import pytest
 
-grpc = pytest.importorskip("grpc")
-pytest.importorskip("ray.serve")
-pytest.importorskip("prometheus_client")
+import grpc
 pytest.importorskip("opentelemetry.sdk")
 pytest.importorskip("opentelemetry.proto")
 pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
