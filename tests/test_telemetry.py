@@ -437,6 +437,10 @@ def test_metrics_move(served):
     assert types["vllm:request_success"] == "counter" and types["vllm:time_to_first_token_seconds"] == "histogram"
     assert types["vllm:num_requests_running"] == "gauge" and types["vllm:num_requests_waiting"] == "gauge"
     assert ("vllm:num_requests_running", (("model_name", "tidal"),)) in before
+    deadline = time.monotonic() + 15  # replicas post their load every 0.5 s once serving; allow a slow start
+    while value(before, "tidal:engine_replicas") != 1 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        before, types = scrape(served.base)
     assert value(before, "tidal:engine_replicas") == 1
 
     n = 10
