@@ -13,7 +13,10 @@ import shutil
 import pytest
 import torch
 
-from training import batches, fastconv, losses, optim, pipeline
+from training import batches, distill, fastconv, losses, optim, pipeline, train
+from training.windows import WindowSampler
+from workers.config import EngineConfig, SamplingParams
+from workers.engine import LLMEngine
 from training.export import write_model_dir
 from training.model import build_model, make_config
 
@@ -140,7 +143,8 @@ def test_export_loads_in_our_engine_and_in_transformers_with_the_same_logits(tmp
 
 
 TINY_RUN = ["--max-files", "4", "--vocab-size", "300", "--arch", json.dumps(TINY), "--seq-len", "32",
-            "--batch-size", "2", "--ar-tokens", "320", "--tidar-tokens", "256", "--eval-windows", "2",
+            "--batch-size", "2", "--ar-tokens", "320", "--tidar-tokens", "256", "--distill-tokens", "192",
+            "--distill-seqs", "3", "--eval-windows", "2",
             "--eval-every", "0", "--quiet", "--export-dir", ""]
 DATA_FILES = ["train_files.txt", "heldout_files.txt", "skipped_files.txt", "data_root.txt", "tokenizer.json",
               "train_tokens.pt", "heldout_tokens.pt"]
@@ -160,9 +164,44 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
 
     a = torch.load(whole / "checkpoint.pt", weights_only=False)
     b = torch.load(cut / "checkpoint.pt", weights_only=False)
-    assert a["state"]["phase"] == b["state"]["phase"] == 2
-    assert a["state"]["tokens"] == b["state"]["tokens"] == (5 + 4) * 2 * 32
+    assert a["state"]["phase"] == b["state"]["phase"] == 3
+    assert a["state"]["tokens"] == b["state"]["tokens"] == (5 + 4 + 3) * 2 * 32
+    torch.testing.assert_close(torch.load(cut / "distill_tokens.pt"), torch.load(whole / "distill_tokens.pt"),
+                               atol=0, rtol=0)
     for name, t in a["model"].items():
         torch.testing.assert_close(b["model"][name], t, atol=0, rtol=0, msg=name)
     steps = [p["steps"] for p in json.loads((cut / "summary.json").read_text())["phases"] if p.get("done")]
-    assert steps == [5, 4]
+    assert steps == [5, 4, 3]
+
+
+def test_distill_batches_train_drafts_on_the_models_text_and_ar_rows_on_real_code(tmp_path):
+    """The distilled rows are the engine's greedy continuation of a train-stream prompt; in a batch they
+    train only the mask slots, while the real windows train both objectives."""
+    from bench.random_model import byte_tokenizer
+
+    config, model = tiny_model()
+    byte_tokenizer().save(str(tmp_path / "tok.json"))
+    write_model_dir(tmp_path / "m", config, model.state_dict(), tmp_path / "tok.json", SPECIAL["<mask>"])
+    stream = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(5))
+    seqs = distill.generate(tmp_path / "m", stream, 3, 32, seed=1, path=tmp_path / "d.pt", quiet=True)
+    assert seqs.shape == (3, 33)
+    engine = LLMEngine(EngineConfig(model=str(tmp_path / "m"), mode="ar"))
+
+    def in_stream(ids: list[int]) -> bool:
+        return bool(stream.unfold(0, len(ids), 1).eq(torch.tensor(ids)).all(1).any())
+
+    def greedy_tail(prompt: list[int]) -> list[int]:
+        return engine.generate([prompt], SamplingParams(max_tokens=33 - len(prompt), ignore_eos=True))[0].output_token_ids
+
+    for row in seqs.tolist():  # some prompt length in [S/4, 3S/4] is a stream slice followed by greedy text
+        assert any(in_stream(row[:n]) and row[:n] + greedy_tail(row[:n]) == row for n in range(8, 25))
+    more = distill.generate(tmp_path / "m", stream, 4, 32, seed=1, path=tmp_path / "d.pt", quiet=True)
+    torch.testing.assert_close(more[:3], seqs, atol=0, rtol=0)  # resumed: finished rows are kept
+
+    sampler = distill.MixedSampler(WindowSampler(stream, 32, 4, seed=0), more, share=0.5, seed=0)
+    batch = train.make_batch("distill", sampler, 0, {"block_len": BLOCK}, SPECIAL["<mask>"])
+    rows = sampler.batch(0)
+    assert all(any(torch.equal(rows[i], r) for r in more) for i in (0, 1))
+    assert batch.is_ar.sum() == 2 * 32 and (~batch.is_ar).sum() == 4 * 32  # AR rows of the 2 real windows only
+    torch.testing.assert_close(batch.targets[batch.is_ar], rows[2:, 1:].reshape(-1), atol=0, rtol=0)
+    torch.testing.assert_close(batch.targets[~batch.is_ar], rows[:, :32].reshape(-1), atol=0, rtol=0)

@@ -45,9 +45,10 @@ def ar_batch(seqs: torch.Tensor) -> Batch:
 
 
 def tidar_batch(seqs: torch.Tensor, block_len: int, mask_token_id: int, offsets: list[int],
-                with_ar: bool = True) -> Batch:
+                ar_seqs: torch.Tensor | None = None) -> Batch:
     """seqs: [B, S + 1]. Each sequence is training_layout(tokens[:S]) (2S slots): clean row t predicts
-    tokens[t + 1] (so row S - 1 uses the extra token), masked row S + t predicts tokens[t]."""
+    tokens[t + 1] (so row S - 1 uses the extra token), masked row S + t predicts tokens[t].
+    ar_seqs: [B] bool, which sequences also train the AR rows (default all; distilled text trains drafts only)."""
     b, s1 = seqs.shape
     s = s1 - 1
     layouts = [training_layout(row[:s].tolist(), block_len, mask_token_id, offset=o) for row, o in zip(seqs, offsets)]
@@ -55,8 +56,8 @@ def tidar_batch(seqs: torch.Tensor, block_len: int, mask_token_id: int, offsets:
     # rows are all 2S slots per sequence in order: [clean 0..S-1, masked 0..S-1]
     targets = torch.cat([seqs[:, 1:], seqs[:, :s]], dim=1)  # [B, 2S]
     is_ar = torch.cat([torch.ones(b, s, dtype=torch.bool), torch.zeros(b, s, dtype=torch.bool)], dim=1)
-    if not with_ar:
-        keep = ~is_ar.reshape(-1)
+    if ar_seqs is not None:
+        keep = (~is_ar | ar_seqs[:, None]).reshape(-1)
         return Batch(meta, ids, pos, rows[keep], targets.reshape(-1)[keep], is_ar.reshape(-1)[keep], b)
     return Batch(meta, ids, pos, rows, targets.reshape(-1), is_ar.reshape(-1), b)
 

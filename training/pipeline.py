@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoint, data, evaluate, export, fastconv, model as zmodel, optim, tokenizer, train
+from training import checkpoint, data, distill, evaluate, export, fastconv, model as zmodel, optim, tokenizer, train
 from training.windows import WindowSampler, eval_windows
 
 # Measured on this machine at batch 16 x 256, 1 thread: alone (CPU time) AR ~2.7k tokens/s and TiDAR ~1.3k clean
@@ -28,6 +28,8 @@ from training.windows import WindowSampler, eval_windows
 DEFAULT_HOURS = 3.0
 DEFAULT_AR_TOKENS = 5_000_000
 DEFAULT_TIDAR_TOKENS = 4_500_000
+DEFAULT_DISTILL_TOKENS = 2_000_000
+DEFAULT_DISTILL_SEQS = 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ar-tokens", type=int, default=None, help=f"AR pretraining tokens (default {DEFAULT_AR_TOKENS:,})")
     ap.add_argument("--tidar-tokens", type=int, default=None,
                     help=f"TiDAR conversion clean tokens (default {DEFAULT_TIDAR_TOKENS:,})")
+    ap.add_argument("--distill-tokens", type=int, default=None,
+                    help=f"self-distillation clean tokens, half of them the model's own text (default {DEFAULT_DISTILL_TOKENS:,})")
+    ap.add_argument("--distill-seqs", type=int, default=None,
+                    help=f"greedy continuations generated for it (default {DEFAULT_DISTILL_SEQS})")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--ar-lr", type=float, default=2e-3)
@@ -113,10 +119,22 @@ def make_plan(run: Path, args) -> dict:
              "lr": args.ar_lr, "warmup": 100},
             {"name": "tidar", "kind": "tidar", "tokens": args.tidar_tokens or int(DEFAULT_TIDAR_TOKENS * scale),
              "lr": args.tidar_lr, "warmup": 50},
+            {"name": "distill", "kind": "distill", "tokens": args.distill_tokens or int(DEFAULT_DISTILL_TOKENS * scale),
+             "lr": args.tidar_lr / 2, "warmup": 20, "sequences": args.distill_seqs or DEFAULT_DISTILL_SEQS,
+             "share": 0.5},
         ],
     }
     path.write_text(json.dumps(plan, indent=2) + "\n")
     return plan
+
+
+def distill_data(run: Path, args, plan: dict, phase: dict, stream: torch.Tensor) -> torch.Tensor:
+    """The model's greedy continuations, written by the model as the previous phase left it (exported once)."""
+    teacher = run / "distill-teacher"
+    if not (teacher / "model.safetensors").is_file():
+        export.export_run(run, teacher, "final")
+    return distill.generate(teacher, stream, phase["sequences"], plan["seq_len"], plan["seed"] + 77,
+                            run / "distill_tokens.pt", quiet=args.quiet)
 
 
 def write_summary(run: Path, summary: dict) -> None:
@@ -187,6 +205,9 @@ def _train(run: Path, args, plan: dict, summary: dict, model, state, ckpt, full_
         if ckpt and ckpt["state"]["phase"] == i and ckpt.get("optimizer"):
             opt.load_state_dict(ckpt["optimizer"])
         sampler = WindowSampler(streams["train"], plan["seq_len"], plan["batch_size"], plan["seed"] + 1000 * (i + 1))
+        if phase["kind"] == "distill":
+            sampler = distill.MixedSampler(sampler, distill_data(run, args, plan, phase, streams["train"]),
+                                           phase["share"], plan["seed"] + 1000 * (i + 1) + 1)
 
         def eval_fn(kind=phase["kind"]):  # the periodic check: small, and AR-only during AR pretraining
             return evaluate.evaluate(model, small_eval, plan["block_len"], mask_id, tidar=kind != "ar")

@@ -29,10 +29,13 @@ def phase_steps(phase: dict, plan: dict) -> int:
 
 
 def make_batch(kind: str, sampler: WindowSampler, step: int, plan: dict, mask_token_id: int):
+    """kind 'ar': next-token rows only; 'tidar': the conversion objective; 'distill': the same objective on a
+    MixedSampler's batch, AR rows only from its real windows."""
     seqs = sampler.batch(step)
     if kind == "ar":
         return ar_batch(seqs)
-    return tidar_batch(seqs, plan["block_len"], mask_token_id, sampler.offsets(step, plan["block_len"]))
+    ar_seqs = sampler.ar_rows() if kind == "distill" else None
+    return tidar_batch(seqs, plan["block_len"], mask_token_id, sampler.offsets(step, plan["block_len"]), ar_seqs)
 
 
 def run_phase(model, opt, plan: dict, phase_index: int, state: checkpoint.TrainState, sampler: WindowSampler,
