@@ -6,14 +6,13 @@ Everything runs on a tiny ZAYA (hidden 64, head_dim 64, 2 layers, 2 experts) in 
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
 import pytest
 import torch
 
-from training import batches, distill, fastconv, losses, optim, pipeline, train
+from training import batches, distill, losses, optim, pipeline, train
 from training.windows import WindowSampler
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
@@ -87,17 +86,21 @@ def test_clean_half_logits_equal_a_plain_causal_forward():
     assert (tidar[:, 1] - ar).abs().max() > 0.1
 
 
-def test_fast_conv_matches_the_stock_convolutions():
+def test_cca_conv_equals_torch_conv1d_forward_and_backward():
+    """ZayaCCAProjection.conv rewrites the two kernel-2 Conv1d modules as multiply-adds and a batched matmul."""
     _, model = tiny_model()
-    fast = copy.deepcopy(model)
-    fastconv.install(fast)
-    batch = batches.tidar_batch(windows(2, 30, seed=3), BLOCK, SPECIAL["<mask>"], [2, 8])
-    ref, out = losses.compute(model, batch), losses.compute(fast, batch)
-    ref.loss.backward()
-    out.loss.backward()
-    torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    proj = model.model.layers[0].self_attn.qkv_proj
+    window = torch.randn(37, 3, proj.conv_qk_depthwise.in_channels, generator=torch.Generator().manual_seed(2))
+    mine = proj.conv(window)
+    stock = proj.conv_qk_grouped(proj.conv_qk_depthwise(window.transpose(1, 2))).squeeze(-1)
+    torch.testing.assert_close(mine, stock, atol=1e-5, rtol=1e-5)
+    grads = []
+    for out in (mine, stock):
+        params = [proj.conv_qk_depthwise.weight, proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight,
+                  proj.conv_qk_grouped.bias]
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params))
+    for g_mine, g_stock in zip(*grads):
+        torch.testing.assert_close(g_mine, g_stock, atol=1e-5, rtol=1e-4)
 
 
 def test_export_loads_in_our_engine_and_in_transformers_with_the_same_logits(tmp_path):

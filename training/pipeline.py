@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoint, data, distill, evaluate, export, fastconv, model as zmodel, optim, tokenizer, train
+from training import checkpoint, data, distill, evaluate, export, model as zmodel, optim, tokenizer, train
 from training.windows import WindowSampler, eval_windows
 
 # Measured on this machine at batch 16 x 256, 1 thread: alone (CPU time) AR ~2.7k tokens/s and TiDAR ~1.3k clean
@@ -158,7 +158,6 @@ def main(argv=None) -> int:
     config = zmodel.make_config(summary["tokenizer"]["vocab_size"], special, **plan["arch"])
     (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model = zmodel.build_model(config, plan["seed"], plan.get("qk_temp", zmodel.QK_TEMP_INIT))
-    fastconv.install(model)
     summary["model"] = {"config": config, "params": zmodel.count_params(model),
                         "active_params": zmodel.active_params(config),
                         "qk_temp_init": plan.get("qk_temp", zmodel.QK_TEMP_INIT)}

@@ -54,6 +54,23 @@ class ZayaCCAProjection(nn.Module):
         self.conv_qk_depthwise = nn.Conv1d(c, c, kernel_size=2, groups=c)
         self.conv_qk_grouped = nn.Conv1d(c, c, kernel_size=2, groups=self.hq + self.hkv)
 
+    def conv(self, window: torch.Tensor) -> torch.Tensor:
+        """window: [T, 3, C] (two back, one back, itself) -> [T, C]: the depthwise then the per-head grouped
+        kernel-2 conv. In fp32 it is written as two multiply-adds and one batched matmul per head group:
+        the same math as the two Conv1d modules, which CPU backends run as T tiny convolutions (several
+        times slower, forward and backward). Half precision keeps the framework's conv kernels, whose
+        rounding is what transformers (the reference) and vLLM produce."""
+        dw, gw = self.conv_qk_depthwise, self.conv_qk_grouped
+        if window.dtype != torch.float32:
+            return gw(dw(window.transpose(1, 2))).squeeze(-1)
+        t, _, c = window.shape
+        y = window[:, :-1] * dw.weight[:, 0, 0] + window[:, 1:] * dw.weight[:, 0, 1] + dw.bias  # [T, 2, C]
+        g = gw.groups
+        ci = c // g
+        w = gw.weight.view(g, ci, ci, 2).permute(0, 3, 2, 1).reshape(g, 2 * ci, ci)  # [G, (k, i), o]
+        yg = y.view(t, 2, g, ci).permute(2, 0, 1, 3).reshape(g, t, 2 * ci)  # [G, T, (k, i)]
+        return torch.baddbmm(gw.bias.view(g, 1, ci), yg, w).transpose(0, 1).reshape(t, c)
+
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, state: CCAState, layer: int):
         # x: [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]
         t = x.shape[0]
@@ -67,8 +84,7 @@ class ZayaCCAProjection(nn.Module):
         slots = meta.state_slots
         qk = torch.cat([q, k], dim=-1)  # [T, C]
         qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), state.conv[layer][slots].flatten(0, 1), qk])
-        window = qk_ext[meta.conv_index].transpose(1, 2)  # [T, C, 3]
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(window)).squeeze(-1)  # [T, C]
+        mixed = self.conv(qk_ext[meta.conv_index])  # [T, C]
         q = mixed[:, : self.hq * self.d].view(t, self.hq, self.d) + q_res
         k = mixed[:, self.hq * self.d :].view(t, self.hkv, self.d) + k_res
 

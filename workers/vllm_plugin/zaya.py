@@ -260,8 +260,7 @@ class VllmZayaAttention(ZayaAttention):
         parents = step.parents[:t] if step is not None else causal_parents(starts, lens, t)
         conv_index = conv_index_for(starts, lens, init, parents)
         qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), conv_rows.flatten(0, 1), qk])
-        window = qk_ext[conv_index].transpose(1, 2)  # [T, C, 3]
-        mixed = p.conv_qk_grouped(p.conv_qk_depthwise(window)).squeeze(-1)  # [T, C]
+        mixed = p.conv(qk_ext[conv_index])  # [T, C]
         q = mixed[:, : p.hq * p.d].view(t, p.hq, p.d) + q_res
         k = mixed[:, p.hq * p.d :].view(t, p.hkv, p.d) + k_res
 
