@@ -27,17 +27,19 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
     phases = {p["name"]: p for p in s.get("phases", [])}
     evals = {}
     for name, label in (("init", "before training"), ("ar", "after AR pretraining"),
-                        ("tidar", "after TiDAR conversion")):
+                        ("tidar", "after TiDAR conversion"), ("distill", "after self-distillation")):
         if name in phases and phases[name].get("eval"):
             evals[label] = phases[name]["eval"]
+    finished = all(phases.get(p["name"], {}).get("done") for p in plan["phases"])
     this = "AR-only checkpoint (before TiDAR conversion)" if which == "ar" else (
-        "TiDAR-converted model" if "tidar" in phases and phases["tidar"].get("done") else
-        "intermediate checkpoint (run not finished)")
+        "TiDAR-converted model" if finished else "intermediate checkpoint (run not finished)")
     lines = [
         f"# {Path(out).name if out else 'zaya-code-tiny'}",
         "",
         "A tiny ZAYA1 (`model_type: zaya`, `ZayaForCausalLM`) code model trained from scratch on CPU by Tidal's",
-        f"`training` package: AR pretraining, then TiDAR block-diffusion conversion. This export: **{this}**.",
+        f"`training` package: AR pretraining, then TiDAR block-diffusion conversion, then self-distillation of the",
+        f"drafts (the same objective; half of each batch is the model's own greedy text, whose AR rows are left",
+        f"out so the AR model learns from real code only). This export: **{this}**.",
         "It exists to exercise the serving stack (drafting, verification, acceptance), not to write useful code.",
         "",
         "## Data",
@@ -76,6 +78,9 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
         done = phases.get(p["name"], {})
         obj = "next-token" if p["kind"] == "ar" else (
             f"TiDAR: (a*L_AR + L_diff)/(1+a), a={plan.get('alpha', 1.0)}, mask blocks of {plan['block_len']}")
+        if p["kind"] == "distill":
+            obj += (f"; {p['share']:.0%} of each batch from {p['sequences']:,} greedy continuations of train prompts "
+                    "(diffusion rows only)")
         lines.append(f"| {p['name']} | {obj} | {done.get('steps', '-')} | {done.get('tokens', '-'):,} | {p['lr']} | "
                      f"{done.get('elapsed_s', 0) / 3600:.2f} h | {_fmt(done.get('tok_s'), 0)} |"
                      if done else f"| {p['name']} | {obj} | (not run) | {p['tokens']:,} planned | {p['lr']} | - | - |")
