@@ -1,16 +1,21 @@
 """TiDAR on a trained model: acceptance per sampler, and decode speed vs AR of the same model.
 
     python -m bench.acceptance [--model models/zaya-code-tiny] [--prompts 8] [--context 256] [--max-tokens 128]
+                               [--batches 1,8] [--json out.json] [--plot out.png]
 
 Prompts are held-out standard-library files (the trainer's split, training/data.py), cut to `context`
-tokens and ended mid-line. For each sampler the same prompts run through TiDAR with K = 16 and the full
-levels on every step (a static schedule, so the numbers describe the model, not the load policy), and
-through plain AR; tokens/s is wall clock over the decode of the whole batch, in the same process.
+tokens and ended mid-line. At batch b the prompts run in groups of b. Every configuration runs the whole
+workload twice on one engine and times the second pass (warm allocator, and a warm adaptive policy, as in
+a long-running server); tokens/s is wall clock over the decode, prefill excluded, in the same process.
+- "dense": K = 16 with every level 0..16 on every step: the model's mean acceptance length at K = 16.
+- "adaptive": the engine's default load-aware policy (what `tidal generate` / `tidal serve` do).
+- "AR": plain autoregressive decoding of the same model and prompts: the baseline of every ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -19,13 +24,14 @@ from training.data import find_corpus, texts
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
 
+K = 16
 SAMPLERS = {  # name: (tidar options, sampling temperature)
     "greedy": ({"sampler": "lossless"}, 0.0),
     "lossless T=1": ({"sampler": "lossless"}, 1.0),
     "mix w=0.5 T=1": ({"sampler": "mix", "mix_weight": 0.5}, 1.0),
     "mix w=0.25 T=1": ({"sampler": "mix", "mix_weight": 0.25}, 1.0),
 }
-LEVELS = (0, 4, 8, 12, 16)
+DENSE = tuple(range(K + 1))
 
 
 def prompts(engine: LLMEngine, n: int, context: int) -> list[list[int]]:
@@ -44,50 +50,127 @@ def prompts(engine: LLMEngine, n: int, context: int) -> list[list[int]]:
     return out
 
 
-def run(model: str, mode: str, batch: list[list[int]], params: SamplingParams, tidar: dict) -> tuple[float, dict]:
-    schedule = [dict(max_batch=1024, block_size=16, levels=LEVELS)]
-    engine = LLMEngine(EngineConfig(model=model, mode=mode, max_num_seqs=len(batch), max_num_batched_tokens=8192,
-                                    tidar=dict(block_size=16, levels=LEVELS, schedule=schedule, **tidar)))
-    for p in batch:
+def engine_for(model: str, mode: str, batch: int, layout: str, tidar: dict) -> LLMEngine:
+    if mode == "ar":
+        return LLMEngine(EngineConfig(model=model, mode="ar", max_num_seqs=batch, max_num_batched_tokens=8192))
+    options = dict(block_size=K, **tidar)
+    if layout == "dense":
+        options.update(levels=DENSE, schedule=[dict(max_batch=1024, block_size=K, levels=DENSE)])
+    return LLMEngine(EngineConfig(model=model, mode="tidar", max_num_seqs=batch,
+                                  max_num_batched_tokens=max(8192, batch * (K + 1) * (len(DENSE) + 1)), tidar=options))
+
+
+def decode(engine: LLMEngine, group: list[list[int]], params: SamplingParams, record: dict | None) -> tuple[int, float]:
+    """Run one group to completion; returns (tokens generated, decode seconds) and records per-step stats."""
+    for p in group:
         engine.add_request(p, params)
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running):
         engine.step()  # prefill, untimed
     generated, start = 0, time.perf_counter()
-    stats = {"accepted": 0, "verify_steps": 0}
     while engine.has_unfinished():
         for out in engine.step():
             generated += len(out.new_token_ids)
-            if out.step and out.step["drafted"]:
-                stats["accepted"] += out.step["accepted"]
-                stats["verify_steps"] += 1
-    wall = time.perf_counter() - start
-    mal = 1 + stats["accepted"] / stats["verify_steps"] if stats["verify_steps"] else 1.0
-    return generated / wall, {"mean_acceptance_length": mal}
+            if record is not None and out.step:
+                record["steps"] += 1
+                record["layouts"][out.step["drafted"]] = record["layouts"].get(out.step["drafted"], 0) + 1
+                if out.step["drafted"]:
+                    record["verifies"].append((out.step["drafted"], out.step["accepted"]))
+    return generated, time.perf_counter() - start
+
+
+def measure(model: str, mode: str, layout: str, prompts_: list[list[int]], batch: int, params: SamplingParams,
+            tidar: dict) -> dict:
+    engine = engine_for(model, mode, batch, layout, tidar)
+    groups = [prompts_[i : i + batch] for i in range(0, len(prompts_), batch)]
+    for g in groups:  # warm-up pass
+        decode(engine, g, params, None)
+    record = {"steps": 0, "layouts": {}, "verifies": []}
+    tokens = seconds = 0.0
+    for g in groups:
+        n, s = decode(engine, g, params, record)
+        tokens, seconds = tokens + n, seconds + s
+    v = record["verifies"]
+    accepted = sum(a for _, a in v)
+    by_pos = []
+    for i in range(1, K + 1):  # draft i is tried when >= i drafts were offered and drafts 1..i-1 were accepted
+        tried = sum(1 for d, a in v if d >= i and a >= i - 1)
+        by_pos.append(round(sum(1 for d, a in v if d >= i and a >= i) / tried, 4) if tried else None)
+    return {"tok_s": tokens / seconds, "tokens": int(tokens), "verify_steps": len(v),
+            "mean_acceptance_length": 1 + accepted / len(v) if v else 1.0,
+            "drafting_share": len(v) / max(1, record["steps"]), "acceptance_by_position": by_pos}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in results["rows"]:
+        if row["batch"] == 1 and row["layout"] == "dense":
+            rates = [r if r is not None else float("nan") for r in row["acceptance_by_position"]]
+            left.plot(range(1, K + 1), rates, marker="o", label=f"{row['sampler']} (MAL {row['mean_acceptance_length']:.2f})")
+    left.set(xlabel="draft position", ylabel="acceptance rate given the previous drafts accepted", ylim=(0, 1),
+             title="Acceptance by draft position (K=16, batch 1)")
+    left.legend(fontsize=8)
+    greedy = [r for r in results["rows"] if r["sampler"] == "greedy"]
+    batches = sorted({r["batch"] for r in greedy})
+    width = 0.25
+    for j, layout in enumerate(["ar", "dense", "adaptive"]):
+        ys = [next((r["tok_s"] if layout != "ar" else r["ar_tok_s"]) for r in greedy
+                   if r["batch"] == b and r["layout"] == (layout if layout != "ar" else "dense")) for b in batches]
+        right.bar([i + (j - 1) * width for i in range(len(batches))], ys, width, label={"ar": "AR", "dense": "TiDAR dense",
+                                                                                        "adaptive": "TiDAR adaptive"}[layout])
+    right.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    right.set(ylabel="decode tokens/s (1 CPU thread)", title="Greedy decode speed, same model and prompts")
+    right.legend(fontsize=8)
+    fig.suptitle(results["model"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/zaya-code-tiny")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated names from: " + ", ".join(SAMPLERS))
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write a PNG here (needs matplotlib: the 'bench' extra)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     probe = LLMEngine(EngineConfig(model=args.model))
     all_prompts = prompts(probe, args.prompts, args.context)
     print(f"model {args.model}; {len(all_prompts)} held-out prompts of <= {args.context} tokens; "
-          f"{args.max_tokens} generated; K=16, levels {list(LEVELS)}; 1 thread")
-    print("| sampler | batch | mean acceptance length | TiDAR tok/s | AR tok/s | TiDAR / AR |")
-    print("|---|---|---|---|---|---|")
-    for name, (tidar, temperature) in SAMPLERS.items():
+          f"{args.max_tokens} generated; K={K}; 1 thread; second of two passes timed")
+    print("| sampler | batch | layout | mean acceptance length | drafting steps | TiDAR tok/s | AR tok/s | TiDAR / AR |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {"model": args.model, "prompts": len(all_prompts), "context": args.context,
+               "max_tokens": args.max_tokens, "rows": []}
+    for name in args.samplers.split(","):
+        tidar, temperature = SAMPLERS[name]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
         for b in [int(x) for x in args.batches.split(",")]:
-            batch = all_prompts[:b]
-            ar_tps, _ = run(args.model, "ar", batch, params, {})
-            td_tps, st = run(args.model, "tidar", batch, params, tidar)
-            print(f"| {name} | {len(batch)} | {st['mean_acceptance_length']:.2f} | {td_tps:.0f} | {ar_tps:.0f} | "
-                  f"{td_tps / ar_tps:.2f}x |", flush=True)
+            ar = measure(args.model, "ar", "", all_prompts, b, params, {})
+            for layout in ["dense", "adaptive"] if name == "greedy" else ["dense"]:
+                td = measure(args.model, "tidar", layout, all_prompts, b, params, tidar)
+                row = {"sampler": name, "batch": b, "layout": layout, **td, "ar_tok_s": ar["tok_s"],
+                       "speedup": td["tok_s"] / ar["tok_s"]}
+                results["rows"].append(row)
+                print(f"| {name} | {b} | {layout} | {td['mean_acceptance_length']:.2f} | "
+                      f"{td['drafting_share']:.0%} | {td['tok_s']:.0f} | {ar['tok_s']:.0f} | {row['speedup']:.2f}x |",
+                      flush=True)
+    for row in results["rows"]:
+        if row["layout"] == "dense" and row["batch"] == 1:
+            print(f"acceptance by position, {row['sampler']}: {row['acceptance_by_position']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

