@@ -37,27 +37,22 @@ from pathlib import Path
 import pytest
 
 import grpc
-pytest.importorskip("opentelemetry.sdk")
-pytest.importorskip("opentelemetry.proto")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.grpc")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http")
+import ray
+import torch
+from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsv
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsv_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsv  # noqa: E402
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsv_grpc  # noqa: E402
-from opentelemetry.proto.trace.v1 import trace_pb2  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from proto import tidal_pb2 as pb  # noqa: E402
-from proto import tidal_pb2_grpc as pbg  # noqa: E402
-from router import telemetry  # noqa: E402
-from router.engine_replica import EngineReplica  # noqa: E402
-from workers.config import EngineConfig  # noqa: E402
+from proto import tidal_pb2 as pb
+from proto import tidal_pb2_grpc as pbg
+from router import telemetry
+from router.engine_replica import EngineReplica
+from workers.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = [("application", "tidal")]
