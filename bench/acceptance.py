@@ -8,6 +8,8 @@ tokens and ended mid-line. At batch b the prompts run in groups of b. Every conf
 workload twice on one engine and times the second pass (warm allocator, and a warm adaptive policy, as in
 a long-running server); tokens/s is wall clock over the decode, prefill excluded, in the same process.
 - "dense": K = 16 with every level 0..16 on every step: the model's mean acceptance length at K = 16.
+- "two-forward": K = 16, a verify pass then a draft pass over [anchor, K masks] (tidar.two_forward): drafts
+  that know the anchor, for two forwards per step.
 - "adaptive": the engine's default load-aware policy (what `tidal generate` / `tidal serve` do).
 - "AR": plain autoregressive decoding of the same model and prompts: the baseline of every ratio.
 """
@@ -56,6 +58,8 @@ def engine_for(model: str, mode: str, batch: int, layout: str, tidar: dict) -> L
     options = dict(block_size=K, **tidar)
     if layout == "dense":
         options.update(levels=DENSE, schedule=[dict(max_batch=1024, block_size=K, levels=DENSE)])
+    elif layout == "two-forward":
+        options.update(two_forward=True, schedule=[dict(max_batch=1024, block_size=K, levels=(0,))])
     return LLMEngine(EngineConfig(model=model, mode="tidar", max_num_seqs=batch,
                                   max_num_batched_tokens=max(8192, batch * (K + 1) * (len(DENSE) + 1)), tidar=options))
 
@@ -108,20 +112,21 @@ def plot(results: dict, path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in results["rows"]:
-        if row["batch"] == 1 and row["layout"] == "dense":
+        if row["batch"] == 1 and row["layout"] in ("dense", "two-forward"):
             rates = [r if r is not None else float("nan") for r in row["acceptance_by_position"]]
-            left.plot(range(1, K + 1), rates, marker="o", label=f"{row['sampler']} (MAL {row['mean_acceptance_length']:.2f})")
+            name = row["sampler"] + (" two-forward" if row["layout"] == "two-forward" else "")
+            left.plot(range(1, K + 1), rates, marker="o", label=f"{name} (MAL {row['mean_acceptance_length']:.2f})")
     left.set(xlabel="draft position", ylabel="acceptance rate given the previous drafts accepted", ylim=(0, 1),
              title="Acceptance by draft position (K=16, batch 1)")
     left.legend(fontsize=8)
     greedy = [r for r in results["rows"] if r["sampler"] == "greedy"]
     batches = sorted({r["batch"] for r in greedy})
-    width = 0.25
-    for j, layout in enumerate(["ar", "dense", "adaptive"]):
+    width = 0.2
+    for j, layout in enumerate(["ar", "dense", "two-forward", "adaptive"]):
         ys = [next((r["tok_s"] if layout != "ar" else r["ar_tok_s"]) for r in greedy
                    if r["batch"] == b and r["layout"] == (layout if layout != "ar" else "dense")) for b in batches]
-        right.bar([i + (j - 1) * width for i in range(len(batches))], ys, width, label={"ar": "AR", "dense": "TiDAR dense",
-                                                                                        "adaptive": "TiDAR adaptive"}[layout])
+        label = {"ar": "AR", "dense": "TiDAR dense", "two-forward": "TiDAR two-forward", "adaptive": "TiDAR adaptive"}
+        right.bar([i + (j - 1.5) * width for i in range(len(batches))], ys, width, label=label[layout])
     right.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     right.set(ylabel="decode tokens/s (1 CPU thread)", title="Greedy decode speed, same model and prompts")
     right.legend(fontsize=8)
@@ -155,7 +160,7 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
         for b in [int(x) for x in args.batches.split(",")]:
             ar = measure(args.model, "ar", "", all_prompts, b, params, {})
-            for layout in ["dense", "adaptive"] if name == "greedy" else ["dense"]:
+            for layout in ["dense", "two-forward", "adaptive"] if name == "greedy" else ["dense"]:
                 td = measure(args.model, "tidar", layout, all_prompts, b, params, tidar)
                 row = {"sampler": name, "batch": b, "layout": layout, **td, "ar_tok_s": ar["tok_s"],
                        "speedup": td["tok_s"] / ar["tok_s"]}
@@ -164,8 +169,8 @@ def main() -> None:
                       f"{td['drafting_share']:.0%} | {td['tok_s']:.0f} | {ar['tok_s']:.0f} | {row['speedup']:.2f}x |",
                       flush=True)
     for row in results["rows"]:
-        if row["layout"] == "dense" and row["batch"] == 1:
-            print(f"acceptance by position, {row['sampler']}: {row['acceptance_by_position']}")
+        if row["layout"] in ("dense", "two-forward") and row["batch"] == 1:
+            print(f"acceptance by position, {row['sampler']} {row['layout']}: {row['acceptance_by_position']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -115,12 +115,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """schedule -> one forward -> accept/sample -> commit KV and state (-> draft pass, two-forward mode)."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         self.num_steps += 1
         try:
-            return self._run(batch)
+            outputs = self._run(batch)
+            if self.policy is not None:  # the whole step's cost: drafting adds work outside the forward too
+                verifies = [(o.step["drafted"], o.step["accepted"]) for o in outputs if o.step]
+                self.policy.observe(self._step_slots, time.perf_counter() - start, verifies)
+            return outputs
         except RunnerFailure as e:
             failed = list(self.scheduler.running)
             for req in failed:
@@ -130,7 +135,7 @@ class LLMEngine:
                                   r.stats.as_dict(), error=str(e)) for r in failed]
 
     def _run(self, batch: list[Scheduled]) -> list[RequestOutput]:
-        self._step_slots, self._step_seconds = 0, 0.0
+        self._step_slots = 0
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)
@@ -157,8 +162,6 @@ class LLMEngine:
                 redraft.append(s)
         if redraft:
             self._draft_pass(redraft)
-        if self.policy is not None:
-            self.policy.observe(self._step_slots, self._step_seconds, [(o.drafted, o.accepted) for o in outcomes if o])
         return outputs
 
     def _known(self, s: Scheduled) -> list[int]:
@@ -167,10 +170,8 @@ class LLMEngine:
 
     def _forward(self, batch: list[Scheduled], layouts: list[StepLayout]) -> torch.Tensor:
         reqs = [s.request for s in batch]
-        start = time.perf_counter()
         logits = self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
                                      [r.state_slot for r in reqs])
-        self._step_seconds += time.perf_counter() - start
         self._step_slots += sum(len(lay.token_ids) for lay in layouts)
         return logits
 
