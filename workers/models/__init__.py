@@ -30,39 +30,63 @@ SUPPORTED_ARCHITECTURES = ("ZayaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCa
 _PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], *,
+                 error: type[ValueError] = ModelLoadError, buffers_required: bool = True) -> set[str]:
+    """Copy checkpoint tensors into `model` by HF name; returns the names loaded. Native and vLLM classes share it.
+
+    Per-expert tensors (Qwen3-MoE checkpoints) go into our fused gate_up_proj / down_proj; a checkpoint's rotary
+    inv_freq is skipped (computed, not loaded). lm_head: skipped when the head already is the embedding (the vLLM
+    classes tie at construction); when the checkpoint has none and tie_word_embeddings is set, the head becomes
+    the embedding (the native classes tie here). Raises `error` for a tensor the model lacks, a shape mismatch,
+    or a parameter (and, with `buffers_required`, a buffer: vLLM layers carry their own) the checkpoint lacks.
+    """
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
+    tied = _head_is_embedding(model)
     loaded: set[str] = set()
     for name, tensor in weights:
         if m := _PER_EXPERT.match(name):
             prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
+            key = f"{prefix}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}"
+            target = params[key][e]
             if kind == "down_proj":
-                target, rows = params[f"{prefix}.down_proj"][e], slice(None)
+                rows = slice(None)
             else:
-                target = params[f"{prefix}.gate_up_proj"][e]
                 half = target.shape[0] // 2
                 rows = slice(0, half) if kind == "gate_proj" else slice(half, None)
             with torch.no_grad():
                 target[rows].copy_(tensor)
-            loaded.add(f"{prefix}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}")
+            loaded.add(key)
             continue
+        if name == "lm_head.weight" and tied:
+            continue  # the embedding is the head
         if name not in params:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            raise ModelLoadError(f"checkpoint weight {name!r} does not belong to {type(model).__name__}")
+            raise error(f"checkpoint weight {name!r} does not belong to {type(model).__name__}")
         if params[name].shape != tensor.shape:
-            raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+            raise error(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].copy_(tensor)
         loaded.add(name)
-    if "lm_head.weight" not in loaded and getattr(model, "tie_word_embeddings", False):
+    if not tied and "lm_head.weight" not in loaded and getattr(model, "tie_word_embeddings", False):
         model.lm_head.weight = model.model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    expected = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    expected = set(dict(model.named_parameters()))
+    if buffers_required:
+        expected |= set(dict(model.named_buffers()))
     missing = sorted(expected - loaded)
     if missing:
-        raise ModelLoadError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise error(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    return loaded
+
+
+def _head_is_embedding(model: nn.Module) -> bool:
+    """lm_head already shares the embedding's weight (the vLLM classes tie at construction, the native ones don't)."""
+    try:
+        return model.lm_head.weight is model.model.embed_tokens.weight
+    except AttributeError:
+        return False
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, object]:

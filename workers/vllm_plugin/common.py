@@ -8,14 +8,12 @@ supported (plain nn.Linear weights).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-# HF checkpoints store Qwen3-MoE experts one by one; our Experts module keeps them fused (as ZAYA's are).
-_PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+from workers.models import load_weights as load_model_weights
 
 
 def check_parallel(vllm_config) -> None:
@@ -62,37 +60,6 @@ class TidalVllmModel(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """HF names -> our parameters (fused experts for per-expert checkpoints); returns what was loaded."""
-        params = dict(self.named_parameters())
-        params.update(dict(self.named_buffers()))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if m := _PER_EXPERT.match(name):
-                prefix, e, kind = m.group(1), int(m.group(2)), m.group(3)
-                if kind == "down_proj":
-                    key, target, rows = f"{prefix}.down_proj", params[f"{prefix}.down_proj"][e], slice(None)
-                else:
-                    key = f"{prefix}.gate_up_proj"
-                    target = params[key][e]
-                    half = target.shape[0] // 2
-                    rows = slice(0, half) if kind == "gate_proj" else slice(half, None)
-                with torch.no_grad():
-                    target[rows].copy_(tensor)
-                loaded.add(key)
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue  # tied: the embedding is the head
-            if name not in params:
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise ValueError(f"checkpoint weight {name!r} does not belong to {type(self).__name__}")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
-            loaded.add(name)
-        expected = {n for n, _ in self.named_parameters()}
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-        return loaded
+        """HF names -> our parameters (the native loader's rules); returns what was loaded, as vLLM wants.
+        vLLM's own buffers (attention scales) are not in the checkpoint, so only parameters must be."""
+        return load_model_weights(self, weights, error=ValueError, buffers_required=False)
