@@ -71,28 +71,54 @@ class ZayaCCAProjection(nn.Module):
         yg = y.view(t, 2, g, ci).permute(2, 0, 1, 3).reshape(g, t, 2 * ci)  # [G, T, (k, i)]
         return torch.baddbmm(gw.bias.view(g, 1, ci), yg, w).transpose(0, 1).reshape(t, c)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, state: CCAState, layer: int):
-        # x: [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]
+    def qk_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (qk [T, C]: the [q; k] projections, the conv's input; q_res [T, Hq, D] and
+        k_res [T, Hkv, D]: the residual added beside the conv)."""
         t = x.shape[0]
         q, k = self.q_proj(x), self.k_proj(x)
         groups = self.hq // self.hkv
         q_res = (q.view(t, self.hq, self.d) + k.view(t, self.hkv, 1, self.d).expand(-1, -1, groups, -1)
                  .reshape(t, self.hq, self.d)) * 0.5
         k_res = q_res.view(t, self.hkv, groups, self.d).mean(dim=2)
+        return torch.cat([q, k], dim=-1), q_res, k_res
 
-        # Causal conv (two kernel-2 convs) over each token's own branch: (two back, one back, itself).
-        slots = meta.state_slots
-        qk = torch.cat([q, k], dim=-1)  # [T, C]
-        qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), state.conv[layer][slots].flatten(0, 1), qk])
-        mixed = self.conv(qk_ext[meta.conv_index])  # [T, C]
+    def qk_conv(
+        self,
+        qk: torch.Tensor,  # [T, C]
+        conv_rows: torch.Tensor,  # [R, 2, C] each request's state (older, newer)
+        conv_index: torch.Tensor,  # [T, 3] long: (two back, one back, itself) into qk_ext
+        q_res: torch.Tensor,  # [T, Hq, D]
+        k_res: torch.Tensor,  # [T, Hkv, D]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal conv (two kernel-2 convs) over each token's own branch, plus the residual:
+        q [T, Hq, D], k [T, Hkv, D] and qk_ext [1 + 2R + T, C], the table conv_index reads (zero, states, qk)."""
+        t = qk.shape[0]
+        qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), conv_rows.flatten(0, 1), qk])
+        mixed = self.conv(qk_ext[conv_index])  # [T, C]
         q = mixed[:, : self.hq * self.d].view(t, self.hq, self.d) + q_res
         k = mixed[:, self.hq * self.d :].view(t, self.hkv, self.d) + k_res
+        return q, k, qk_ext
 
-        # Values: half from this token, half (delayed projection) from the token one back.
+    def values(
+        self,
+        x: torch.Tensor,  # [T, H]
+        v_rows: torch.Tensor,  # [R, Hkv * D / 2] each request's last delayed value
+        one_back: torch.Tensor,  # [T] long: each token's one-back row in v_ext (conv_index[:, 1])
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values: half from this token, half (delayed projection) from the token one back. Returns
+        v [T, Hkv, D] and v_ext [1 + 2R + T, Hkv * D / 2], laid out as qk_ext (a state row stands twice)."""
         delayed = self.v_proj_delayed(x)  # [T, D*Hkv/2]
         cold = self.v_proj_delayed(x.new_zeros(1, x.shape[1]))
-        v_ext = torch.cat([cold, state.v[layer][slots].repeat_interleave(2, dim=0), delayed])
-        v = torch.cat([self.v_proj_current(x), v_ext[meta.conv_index[:, 1]]], dim=-1).view(t, self.hkv, self.d)
+        v_ext = torch.cat([cold, v_rows.repeat_interleave(2, dim=0), delayed])
+        v = torch.cat([self.v_proj_current(x), v_ext[one_back]], dim=-1).view(x.shape[0], self.hkv, self.d)
+        return v, v_ext
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, state: CCAState, layer: int):
+        # x: [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]
+        slots = meta.state_slots
+        qk, q_res, k_res = self.qk_residual(x)
+        q, k, qk_ext = self.qk_conv(qk, state.conv[layer][slots], meta.conv_index, q_res, k_res)
+        v, v_ext = self.values(x, state.v[layer][slots], meta.conv_index[:, 1])
         state.pending[layer] = (qk_ext, v_ext)
         return q, k, v
 

@@ -232,16 +232,11 @@ class VllmZayaAttention(ZayaAttention):
         self.cca_state = CCAStateCache(cfg, vllm_config.model_config.dtype, vllm_config, join(prefix, "cca_state"))
 
     def project(self, x: torch.Tensor):
-        """CCA q/k/v for a flat batch, reading and then advancing each request's state (same arithmetic as
-        ZayaCCAProjection.forward)."""
+        """CCA q/k/v for a flat batch, reading and then advancing each request's state (ZayaCCAProjection's
+        arithmetic; only where the state rows come from and go to differs)."""
         p = self.qkv_proj
         t = x.shape[0]
-        q, k = p.q_proj(x), p.k_proj(x)
-        groups = p.hq // p.hkv
-        q_res = (q.view(t, p.hq, p.d) + k.view(t, p.hkv, 1, p.d).expand(-1, -1, groups, -1)
-                 .reshape(t, p.hq, p.d)) * 0.5
-        k_res = q_res.view(t, p.hkv, groups, p.d).mean(dim=2)
-        qk = torch.cat([q, k], dim=-1)  # [T, C]
+        qk, q_res, k_res = p.qk_residual(x)  # [T, C], [T, Hq, D], [T, Hkv, D]
 
         meta = self.cca_state.metadata()
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -259,15 +254,8 @@ class VllmZayaAttention(ZayaAttention):
         step = self._ctx.step  # TiDAR on GPU: the step's token tree (tidar_gpu.StepInfo); None: causal rows
         parents = step.parents[:t] if step is not None else causal_parents(starts, lens, t)
         conv_index = conv_index_for(starts, lens, init, parents)
-        qk_ext = torch.cat([qk.new_zeros(1, qk.shape[1]), conv_rows.flatten(0, 1), qk])
-        mixed = p.conv(qk_ext[conv_index])  # [T, C]
-        q = mixed[:, : p.hq * p.d].view(t, p.hq, p.d) + q_res
-        k = mixed[:, p.hq * p.d :].view(t, p.hkv, p.d) + k_res
-
-        delayed = p.v_proj_delayed(x)
-        cold = p.v_proj_delayed(x.new_zeros(1, x.shape[1]))
-        v_ext = torch.cat([cold, v_rows.repeat_interleave(2, dim=0), delayed])
-        v = torch.cat([p.v_proj_current(x), v_ext[conv_index[:, 1]]], dim=-1).view(t, p.hkv, p.d)
+        q, k, qk_ext = p.qk_conv(qk, conv_rows, conv_index, q_res, k_res)
+        v, v_ext = p.values(x, v_rows, conv_index[:, 1])
 
         keep = (w_slot >= 0) & (w_tok >= 0) & (w_tok < t)
         if r and bool(keep.any()):  # the state after each written token: (its one-back and itself, its delayed v)
