@@ -24,8 +24,29 @@ def test_no_acceptance_on_a_compute_bound_machine_means_ar():
     feed(policy, lambda s: 0.001 * s, acceptance=0.0)
     choices = [policy.choose(1) for _ in range(200)]
     tidar_steps = sum(c is not None for c in choices)
-    assert tidar_steps <= 200 // 16  # only the occasional cheapest-layout probe
+    assert tidar_steps <= 2 * (200 // 16)  # only the occasional cheapest-layout probe (propose, then verify)
     assert all(c is None or (c.block_size, c.levels) == (1, (0,)) for c in choices)
+
+
+def test_cold_start_probes_learn_acceptance_and_switch_to_drafting():
+    """Starting from AR, a probe drafts for two steps (one proposes, the next verifies its drafts); when the
+    drafts are accepted and the step time says a draft is worth its slots, the policy starts drafting."""
+    policy = AdaptivePolicy(TidarConfig(), budget=100_000)
+    step_time = lambda s: 0.005 + 0.0005 * s  # noqa: E731: a 4-slot step costs 1.3 AR steps
+    drafted = None
+    for step in range(200):
+        rule = policy.choose(1)
+        if rule is not None and drafted is not None:  # this step verifies last step's drafts: all accepted
+            verifies = [(drafted, drafted)]
+        else:
+            verifies = [(0, 0)] if rule is not None else []
+        policy.observe(slots(rule, False), step_time(slots(rule, False)), verifies)
+        drafted = rule.block_size if rule is not None else None
+        if rule is not None and step > 40 and policy.choose(1) is not None:
+            break
+    else:
+        raise AssertionError(f"never switched to drafting; acceptance {policy.accept[:3]}")
+    assert policy.accept[0] > 0.9
 
 
 def test_high_acceptance_on_a_memory_bound_machine_drafts_fully_at_batch_1():

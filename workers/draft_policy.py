@@ -6,8 +6,8 @@ levels (see expected_drafts). It costs t(slots), the
 measured step time for that many token slots (a least-squares line over recent steps). The adaptive
 policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
 AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
-teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then, less often
-each time that retry loses. A static schedule (explicit rules by batch size) is also available.
+teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
+proposes drafts, the next verifies them), less often each time that retry loses. A static schedule (explicit rules by batch size) is also available.
 """
 
 from __future__ import annotations
@@ -58,16 +58,18 @@ class StaticSchedule:
 
 class AdaptivePolicy:
     DECAY = 0.98  # weight of past step-time samples per new sample
-    RATE = 0.05  # acceptance-rate learning rate
+    RATE = 0.05  # acceptance-rate learning rate once a position has been tried 1 / RATE times
 
     def __init__(self, cfg: TidarConfig, budget: int):
         self.two_forward = cfg.two_forward
         self.budget = budget
         self.candidates = ladder(cfg.block_size, cfg.levels)
-        self.accept = [0.5] * cfg.block_size
+        self.accept = [0.5] * cfg.block_size  # a prior worth one trial per position
+        self.tried = [0] * cfg.block_size
         # decayed least-squares sums for t = c0 + c1 * slots
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.explore_every, self.since_tidar, self.exploring = 16, 0, False
+        self.probe_left = 0  # steps the current probe still drafts
 
     def step_time(self, num_slots: int) -> float:
         """Fitted seconds for a step of `num_slots` slots; before two distinct sizes were seen, time ~ slots."""
@@ -112,15 +114,18 @@ class AdaptivePolicy:
         return rows
 
     def choose(self, batch: int) -> DraftRule | None:
+        fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= self.budget]
+        if self.probe_left and fits:  # a probe drafts for two steps: one proposes, the next verifies
+            self.probe_left -= 1
+            return fits[-1]
+        self.exploring = self.probe_left = 0
         rows = self.explain(batch)
         best = max(rows, key=lambda r: r["tokens_per_time"])
-        self.exploring = False
         if best["block_size"] == 0:
             self.since_tidar += 1
-            fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= self.budget]
             if not fits or self.since_tidar < self.explore_every:
                 return None
-            self.exploring, self.since_tidar = True, 0
+            self.exploring, self.since_tidar, self.probe_left = True, 0, 1
             return fits[-1]  # the cheapest layout, to refresh the acceptance estimates
         self.since_tidar = 0
         return DraftRule(max_batch=NEVER, block_size=best["block_size"], levels=tuple(best["levels"]))
@@ -132,12 +137,16 @@ class AdaptivePolicy:
         self.sxx, self.sxy = d * self.sxx + num_slots * num_slots, d * self.sxy + num_slots * seconds
         for offered, accepted in verifies:
             for i in range(min(offered, accepted + 1)):  # position i was tried only if all before it passed
-                self.accept[i] += self.RATE * ((i < accepted) - self.accept[i])
-        if self.exploring:
+                self.tried[i] += 1
+                rate = max(self.RATE, 1.0 / (self.tried[i] + 1))  # a running mean until it has 1 / RATE trials
+                self.accept[i] += rate * ((i < accepted) - self.accept[i])
+        if self.exploring and not self.probe_left:  # the probe's verify step: did drafting win?
+            self.exploring = False
             self.since_tidar = 0
             rows = self.explain(1)
             lost = max(rows, key=lambda r: r["tokens_per_time"])["block_size"] == 0
-            self.explore_every = min(self.explore_every * 2, 1024) if lost else 16
+            useless = not any(accepted for _, accepted in verifies)  # back off only while drafts fail outright
+            self.explore_every = min(self.explore_every * 2, 1024) if lost and useless else 16
 
 
 def make_policy(cfg) -> StaticSchedule | AdaptivePolicy:
