@@ -113,11 +113,14 @@ def plot(results: dict, path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in results["rows"]:
         if row["batch"] == 1 and row["layout"] in ("dense", "two-forward"):
-            rates = [r if r is not None else float("nan") for r in row["acceptance_by_position"]]
+            reach, run = [], 1.0  # P(drafts 1..i all accepted): the product of the per-position rates
+            for r in row["acceptance_by_position"]:
+                run *= r if r is not None else 0.0
+                reach.append(run)
             name = row["sampler"] + (" two-forward" if row["layout"] == "two-forward" else "")
-            left.plot(range(1, K + 1), rates, marker="o", label=f"{name} (MAL {row['mean_acceptance_length']:.2f})")
-    left.set(xlabel="draft position", ylabel="acceptance rate given the previous drafts accepted", ylim=(0, 1),
-             title="Acceptance by draft position (K=16, batch 1)")
+            left.plot(range(1, K + 1), reach, marker="o", label=f"{name} (MAL {row['mean_acceptance_length']:.2f})")
+    left.set(xlabel="draft position i", ylabel="P(drafts 1..i all accepted)", ylim=(0, 1),
+             title="How far a step's drafts are accepted (K=16, batch 1)")
     left.legend(fontsize=8)
     greedy = [r for r in results["rows"] if r["sampler"] == "greedy"]
     batches = sorted({r["batch"] for r in greedy})
