@@ -19,15 +19,15 @@ def _token_ids(text: str) -> list[int]:
 
 def auto_mode(model_dir: str | None, mask_token_id: int | None) -> str:
     """'tidar' for a TiDAR-converted model (its config.json names a mask token, or one is given), else 'ar'."""
-    from workers.tidar import MASK_TOKEN_ATTRS
+    from workers.loader import ModelLoadError, load_hf_config
+    from workers.tidar import resolve_mask_token
 
     if mask_token_id is not None:
         return "tidar"
     try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, TypeError, ValueError):
+        return "tidar" if resolve_mask_token(load_hf_config(model_dir), None) is not None else "ar"
+    except (ModelLoadError, TypeError):
         return "ar"  # the engine reports a missing or broken model dir itself
-    return "tidar" if any(isinstance(cfg.get(name), int) for name in MASK_TOKEN_ATTRS) else "ar"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +228,9 @@ def cmd_generate(args) -> int:
         if args.fixed_drafting:
             tidar["schedule"] = [{"max_batch": 1 << 30, "block_size": args.block_size or 16,
                                   "levels": args.levels or TidarConfig().levels}]
-        mode = auto_mode(args.model, args.mask_token_id) if args.mode == "auto" and args.backend == "native" else (
-            "ar" if args.mode == "auto" else args.mode)
+        mode = args.mode
+        if mode == "auto":  # TiDAR runs on the native backend; vLLM's CPU path is AR only
+            mode = auto_mode(args.model, args.mask_token_id) if args.backend == "native" else "ar"
         engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=mode, tidar=tidar,
                                                  ep_size=args.ep, backend=args.backend))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
