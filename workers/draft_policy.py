@@ -7,7 +7,8 @@ measured step time for that many token slots (a least-squares line over recent s
 policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
 AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
 teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
-proposes drafts, the next verifies them), less often each time that retry loses. A static schedule (explicit rules by batch size) is also available.
+proposes drafts, the next verifies them), less often each time that retry loses. A static schedule
+(explicit rules by batch size) is also available.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class AdaptivePolicy:
         if self.probe_left and fits:  # a probe drafts for two steps: one proposes, the next verifies
             self.probe_left -= 1
             return fits[-1]
-        self.exploring = self.probe_left = 0
+        self.exploring, self.probe_left = False, 0
         rows = self.explain(batch)
         best = max(rows, key=lambda r: r["tokens_per_time"])
         if best["block_size"] == 0:
