@@ -39,8 +39,8 @@ def generate(model_dir: Path, stream: torch.Tensor, count: int, seq_len: int, se
     for lo in range(len(done), count, batch):
         chunk = range(lo, min(lo + batch, count))
         prompts = [stream[starts[i] : starts[i] + lengths[i]].tolist() for i in chunk]
-        outs = engine.generate([p for p in prompts],
-                               [SamplingParams(max_tokens=seq_len + 1 - len(p), ignore_eos=True) for p in prompts])
+        params = [SamplingParams(max_tokens=seq_len + 1 - len(p), ignore_eos=True) for p in prompts]
+        outs = engine.generate(prompts, params)
         rows = torch.tensor([o.prompt_token_ids + o.output_token_ids for o in outs], dtype=torch.long)
         done = torch.cat([done, rows])
         torch.save(done, Path(path).with_suffix(".tmp"))
@@ -57,6 +57,7 @@ class MixedSampler:
     def __init__(self, real: WindowSampler, distilled: torch.Tensor, share: float, seed: int):
         self.real, self.distilled, self.seed = real, distilled, seed
         self.b = real.b
+        self._epoch, self._perm = -1, None
         self.n_distilled = max(1, min(self.b - 1, round(self.b * share)))
         if len(distilled) < self.n_distilled:
             raise ValueError(f"{len(distilled)} distilled sequences cannot fill {self.n_distilled} rows per batch")
@@ -66,8 +67,10 @@ class MixedSampler:
         rows = []
         for i in range(step * self.n_distilled, (step + 1) * self.n_distilled):
             epoch, k = divmod(i, len(self.distilled))
-            perm = torch.randperm(len(self.distilled), generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(self.distilled[int(perm[k])])
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(len(self.distilled), generator=g)
+            rows.append(self.distilled[int(self._perm[k])])
         real = self.real.batch(step)[: self.b - self.n_distilled]
         return torch.cat([torch.stack(rows), real])
 
