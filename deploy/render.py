@@ -1,8 +1,8 @@
 """Render Tidal's deployment from its typed ServeConfig: a KubeRay RayService for MI355x nodes, and the
 Ray Serve config (`serveConfigV2`) it carries, also as a CPU variant for one local machine.
 
-Everything Serve runs comes from `router.app` (import path, application builder, gRPC servicers) and from
-the ServeConfig, so the rendered config cannot drift from the code: re-render after changing either.
+Everything Serve runs comes from `router.app` (import path, application builder) and from the
+ServeConfig, so the rendered config cannot drift from the code: re-render after changing either.
 
 Serve config layout (one application, "tidal"):
   args        = the ServeConfig without `autoscaling` (what `build_app` builds the app from);
@@ -69,14 +69,12 @@ class ClusterSpec:
 
 def serve_config(cfg: ServeConfig) -> dict:
     """The Serve config (ServeDeploySchema) that runs `cfg`: a RayService's serveConfigV2, or `serve run`."""
-    from router.app import GRPC_SERVICERS
-
     auto = cfg.autoscaling
     args = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"autoscaling"})
     return {
+        # HTTP through Serve's proxies; gRPC is served by the ingress replica itself, on the head node
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http_host, "port": cfg.http_port},
-        "grpc_options": {"port": cfg.grpc_port, "grpc_servicer_functions": list(GRPC_SERVICERS)},
         "applications": [{
             "name": APP_NAME,
             "import_path": IMPORT_PATH,
@@ -180,12 +178,13 @@ def _env(spec: ClusterSpec, gpu: bool) -> list[dict]:
 def _pod_template(spec: ClusterSpec, cfg: ServeConfig, head: bool) -> dict:
     component = "head" if head else "worker"
     ports = [{"name": "serve", "containerPort": cfg.http_port, "protocol": "TCP"},
-             {"name": "serve-grpc", "containerPort": cfg.grpc_port, "protocol": "TCP"},
              {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
     if head:
+        # KubeRay's head Service (<name>-head-svc) exposes these, and follows the active cluster on upgrades
         ports = [{"name": "gcs-server", "containerPort": 6379, "protocol": "TCP"},
                  {"name": "dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"},
-                 {"name": "client", "containerPort": 10001, "protocol": "TCP"}] + ports
+                 {"name": "client", "containerPort": 10001, "protocol": "TCP"},
+                 {"name": "grpc", "containerPort": cfg.grpc_port, "protocol": "TCP"}] + ports
         resources = {"cpu": str(spec.head_cpus), "memory": spec.head_memory}
         limits = dict(resources)
     else:
@@ -240,8 +239,7 @@ def rayservice(cfg: ServeConfig, spec: ClusterSpec = ClusterSpec()) -> dict:
             "rayClusterDeletionDelaySeconds": math.ceil(cfg.autoscaling.drain_timeout_s) + 60,
             "serveService": {
                 "metadata": {"name": f"{spec.name}-serve", "labels": dict(metadata["labels"])},
-                "spec": {"ports": [{"name": "serve", "port": cfg.http_port, "targetPort": cfg.http_port, "protocol": "TCP"},
-                                   {"name": "serve-grpc", "port": cfg.grpc_port, "targetPort": cfg.grpc_port,
+                "spec": {"ports": [{"name": "serve", "port": cfg.http_port, "targetPort": cfg.http_port,
                                     "protocol": "TCP"}]},
             },
             "serveConfigV2": yaml_text(serve_config(cfg)),
@@ -255,7 +253,7 @@ def rayservice(cfg: ServeConfig, spec: ClusterSpec = ClusterSpec()) -> dict:
                                   "limits": {"cpu": "500m", "memory": "512Mi"}},
                 },
                 "headGroupSpec": {
-                    # no replicas on the head (num-cpus 0): it runs the controller, GCS, a proxy, the ingress
+                    # no engines on the head (num-cpus 0): it runs the controller, GCS, a proxy, the ingress (gRPC)
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(METRICS_PORT)},
                     "template": _pod_template(spec, cfg, head=True),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ray import serve
-from ray.serve.config import gRPCOptions, HTTPOptions
+from ray.serve.config import HTTPOptions
 
 from router.config import ServeConfig
 from router.engine_replica import EngineReplica
@@ -17,8 +17,9 @@ from router.ingress import Ingress
 from router.telemetry import otel_env
 
 APP_NAME = "tidal"
-GRPC_SERVICERS = ["proto.tidal_pb2_grpc.add_GenerationServicer_to_server",
-                  "proto.tidal_pb2_grpc.add_ControlServicer_to_server"]
+# The ingress serves gRPC itself (router/grpc_server.py), so it lives where clients can find the port: on the
+# head node, which every Ray cluster has (locally: this machine; on Kubernetes: the head pod's Service).
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -37,14 +38,14 @@ def build_app(args: dict) -> serve.Application:
                            "runtime_env": runtime_env},
     ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica)
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
-                               ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+                               ray_actor_options={"num_cpus": 0, "resources": ON_HEAD_NODE,
+                                                  "runtime_env": runtime_env})
     return ingress.bind(engine, cfg.model_dump(mode="json"))
 
 
 def start(cfg: ServeConfig) -> None:
-    """Start Serve's proxies and deploy the app on the connected Ray cluster; returns when it answers."""
-    serve.start(http_options=HTTPOptions(host=cfg.http_host, port=cfg.http_port),
-                grpc_options=gRPCOptions(port=cfg.grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+    """Start Serve's HTTP proxy and deploy the app on the connected Ray cluster; returns when it answers."""
+    serve.start(http_options=HTTPOptions(host=cfg.http_host, port=cfg.http_port))
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
 
 

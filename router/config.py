@@ -53,7 +53,8 @@ class ServeConfig(BaseModel):
 
     engine: EngineConfig
     model_name: str = Field("tidal", description="the name clients use (OpenAI 'model', gRPC 'model')")
-    grpc_port: int = Field(9000, ge=0, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    grpc_host: str = Field("0.0.0.0", description="where the ingress replica's gRPC server listens")
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     autoscaling: AutoscalingConfig = AutoscalingConfig()

@@ -1,8 +1,8 @@
-"""The ingress deployment: gRPC (through Serve's gRPC proxy) and OpenAI-style HTTP in one place.
+"""The ingress deployment: gRPC (its own grpc.aio server) and OpenAI-style HTTP (Serve's proxy) in one place.
 
 It authenticates, validates and tokenizes at the edge, then streams from an engine replica chosen by
-Serve's load-aware router (power of two choices over replica queue lengths). Cancellation of a client
-stream cancels the replica's generator, which aborts the request and frees its KV.
+Serve's load-aware router (power of two choices over replica queue lengths). A client that goes away
+(cancel, deadline, disconnect) cancels the replica's generator, which aborts the request and frees its KV.
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 
 from proto import tidal_pb2 as pb
+from router import grpc_server
 from router import openai_api as oa
 from router import telemetry
 from router.config import ServeConfig
@@ -54,7 +55,7 @@ class Detokenizer:
 
 @serve.ingress(http_app)
 class Ingress:
-    def __init__(self, engine, config: dict):
+    async def __init__(self, engine, config: dict):
         self.config = ServeConfig(**config)
         self.engine = engine
         self.tokenizer = load_tokenizer(self.config.engine.model)
@@ -63,6 +64,15 @@ class Ingress:
         self._info: dict | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
+        self.grpc = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port)
+
+    def __del__(self):
+        """Serve's graceful shutdown awaits what this returns: open RPCs get a few seconds, then the port closes.
+
+        Not `async def`: Python calls `__del__` again at garbage collection, where a coroutine would be dropped.
+        """
+        server, self.grpc = getattr(self, "grpc", None), None
+        return None if server is None else server.stop(grace=10)
 
     # ---- shared edge logic --------------------------------------------------------------------------
 
@@ -184,7 +194,9 @@ class Ingress:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             ids, parts, last = [], [], None
-            async for event in self._events(req, dict(grpc_context.invocation_metadata()), "text_completion"):
+            events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
+            grpc_server.close_when_rpc_ends(grpc_context, events)
+            async for event in events:
                 ids += event["token_ids"]
                 parts.append(text.add(event["token_ids"], event["finished"]))
                 last = event
@@ -198,7 +210,9 @@ class Ingress:
         try:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
-            async for event in self._events(req, dict(grpc_context.invocation_metadata()), "text_completion"):
+            events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
+            grpc_server.close_when_rpc_ends(grpc_context, events)
+            async for event in events:
                 msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
                                                 text=text.add(event["token_ids"], event["finished"]))
                 if event["step"] is not None:
@@ -209,10 +223,6 @@ class Ingress:
                 yield msg
         except Exception as e:
             self._fail(grpc_context, e)
-            # Re-raise: Serve's proxy copies a streaming method's grpc_context only along with a yielded
-            # message, so a stream that fails before (or after) its last message would end with status
-            # OK. A raise with the code already set reaches the client as that code (gRPCStatusError).
-            raise
 
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
         ok = not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0

@@ -107,10 +107,9 @@ def test_serve_config_validates_and_imports(rendered):
         a = schema.applications[0]
         assert (a.import_path, a.route_prefix) == ("router.app:build_app", "/")
         assert import_attr(a.import_path) is app.build_app
-        assert schema.grpc_options.grpc_servicer_functions == app.GRPC_SERVICERS
-        for path in schema.grpc_options.grpc_servicer_functions:
-            assert callable(import_attr(path)), path
-        assert schema.http_options.port == 8000 and schema.grpc_options.port == 9000
+        # gRPC is the ingress replica's own server, not Serve's proxy (which would fight it for the port)
+        assert not schema.grpc_options.grpc_servicer_functions
+        assert schema.http_options.port == 8000 and ServeConfig(**a.args).grpc_port == 9000
         assert schema.http_options.host == ("127.0.0.1" if name == "serve-local.yaml" else "0.0.0.0")
         # the deployments section names a deployment build_app makes, with a config Serve accepts
         # (constructing it imports and pickles the policy, as the controller does)
@@ -161,7 +160,9 @@ def test_rayservice_manifest_shape():
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay wants strings
         (c,) = group["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert (ports["serve"], ports["serve-grpc"]) == (8000, 9000)
+        assert ports["serve"] == 8000
+        # the ingress (and its gRPC server) runs on the head only; KubeRay's head Service exposes the port
+        assert ports.get("grpc") == (9000 if group is head else None)
         assert {"readinessProbe", "livenessProbe"} <= set(c)
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         vols = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
@@ -178,7 +179,7 @@ def test_rayservice_manifest_shape():
     assert worker["minReplicas"] == worker["replicas"] == math.ceil(cfg.autoscaling.min_replicas / 8)
     assert spec["rayClusterDeletionDelaySeconds"] >= cfg.autoscaling.drain_timeout_s
     ports = {p["name"]: p["port"] for p in spec["serveService"]["spec"]["ports"]}
-    assert ports == {"serve": 8000, "serve-grpc": 9000}
+    assert ports == {"serve": 8000}
 
 
 def test_manifest_parses_into_kubernetes_objects():
@@ -271,7 +272,6 @@ def local_app(tmp_path_factory):
     import ray
     from ray import serve
     from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
     from bench.random_model import make_zaya
@@ -299,8 +299,7 @@ def local_app(tmp_path_factory):
         ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                       grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump())
         client.deploy_apps(schema, _blocking=False)
         wait_for(lambda: app_status() == "RUNNING", 120, "the app never became RUNNING")
         yield SimpleNamespace(grpc_port=grpc_port)

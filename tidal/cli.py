@@ -132,13 +132,13 @@ def cmd_serve(args) -> int:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
     ensure_ray(args.ray_address)
-    app.start(cfg)
-    print(f"tidal: serving {cfg.engine.model} as '{cfg.model_name}': gRPC on 0.0.0.0:{cfg.grpc_port} "
-          f"(tidal.v1.Generation, tidal.v1.Control; metadata application=tidal), "
-          f"HTTP on http://{cfg.http_host}:{cfg.http_port}/v1", flush=True)
-    stop = threading.Event()
+    stop = threading.Event()  # handlers go in before the app starts: clients can reach its gRPC port early
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    app.start(cfg)
+    print(f"tidal: serving {cfg.engine.model} as '{cfg.model_name}': gRPC on {cfg.grpc_host}:{cfg.grpc_port} "
+          f"(tidal.v1.Generation, tidal.v1.Control), "
+          f"HTTP on http://{cfg.http_host}:{cfg.http_port}/v1", flush=True)
     stop.wait()
     print("tidal: draining and shutting down", file=sys.stderr, flush=True)
     app.drain_and_stop()
@@ -180,7 +180,7 @@ def cmd_client(args) -> int:
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
 
-    metadata = [("application", "tidal")] + ([("authorization", f"Bearer {args.api_key}")] if args.api_key else [])
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
     channel = grpc.insecure_channel(args.target)
     try:
         if args.stats:
