@@ -322,6 +322,27 @@ def test_cancelled_stream_frees_kv(server, attempt):
     assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
 
 
+@pytest.mark.parametrize("attempt", range(4))
+def test_http_disconnect_frees_kv(server, attempt):
+    """An SSE client that hangs up mid-stream (the OpenAI clients' way to stop) frees the request too."""
+    import http.client
+
+    before = server.wait_idle()
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": LONG, "stream": True,
+                                                         "ignore_eos": True}), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = [line for line in (resp.readline() for _ in range(8)) if line.startswith(b"data: ")]
+    assert events and b'"text"' in events[0]
+    server.wait_running()
+    time.sleep(0.05 * attempt)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    after = server.wait_idle(timeout_s=8)
+    assert after.forwards - before.forwards < LONG // 2, "the request ran on after its client hung up"
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 def test_deadline_exceeded_frees_kv(server, streaming):
     before = server.wait_idle()
