@@ -165,6 +165,11 @@ class Ingress:
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id)
 
+    def _grpc_events(self, req: dict, grpc_context) -> AsyncIterator[dict]:
+        events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
+        grpc_server.close_when_rpc_ends(grpc_context, events)
+        return events
+
     def _fail(self, grpc_context, err: BaseException) -> None:
         self._rejected(err)
         code, _ = status_of(err)
@@ -194,9 +199,7 @@ class Ingress:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             ids, parts, last = [], [], None
-            events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
-            grpc_server.close_when_rpc_ends(grpc_context, events)
-            async for event in events:
+            async for event in self._grpc_events(req, grpc_context):
                 ids += event["token_ids"]
                 parts.append(text.add(event["token_ids"], event["finished"]))
                 last = event
@@ -210,9 +213,7 @@ class Ingress:
         try:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
-            events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
-            grpc_server.close_when_rpc_ends(grpc_context, events)
-            async for event in events:
+            async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
                                                 text=text.add(event["token_ids"], event["finished"]))
                 if event["step"] is not None:
