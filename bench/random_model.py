@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from training.export import write_tokenizer_config
+
 
 def byte_tokenizer():
     """A byte-level tokenizer: 256 byte tokens, then <pad>, <bos>, <eos>, <mask>."""
@@ -48,6 +50,7 @@ def make_zaya(out_dir: str | Path, hidden: int = 64, layers: int = 2, heads: int
     model.save_pretrained(out)
     if with_tokenizer:
         tok.save(str(out / "tokenizer.json"))
+        write_tokenizer_config(out, cfg.max_position_embeddings)
         config = json.loads((out / "config.json").read_text())
         config["mask_token_id"] = tok.token_to_id("<mask>")
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -190,3 +190,38 @@ def checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
 def ckpt(request, checkpoints) -> Checkpoint:
     """Parametrizes a test over every model family."""
     return checkpoints[request.param]
+
+
+def add_draft_heads(path: str | Path, heads: dict[str, torch.Tensor], config: dict | None = None) -> None:
+    """Write Zyphra's optional draft-head tensors (workers/models/draft_heads.py names) into a saved checkpoint,
+    as one more safetensors file (listed in the shard index when there is one), and merge `config` into
+    config.json."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        save_file(heads, str(path / "draft_heads.safetensors"), metadata={"format": "pt"})
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({name: "draft_heads.safetensors" for name in heads})
+        index.write_text(json.dumps(idx))
+    else:
+        file = path / "model.safetensors"
+        save_file({**load_file(str(file)), **heads}, str(file), metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(config)
+        (path / "config.json").write_text(json.dumps(cfg))
+
+
+def random_draft_heads(lm_head: torch.Tensor, rank: int, seed: int, noise: float = 0.5, chain: float = 1.0
+                       ) -> dict[str, torch.Tensor]:
+    """Random heads of the right shapes: the draft layer a noisy copy of `lm_head` [V, H] (so drafts are
+    sometimes right and acceptance is not vacuous), a Markov head whose bias has about `chain` spread."""
+    g = torch.Generator().manual_seed(seed)
+    v, h = lm_head.shape
+    return {
+        "diffusion_output_layer.weight": lm_head.detach() + noise * lm_head.detach().std() * torch.randn(v, h, generator=g),
+        "diffusion_markov_head.w1": torch.randn(v, rank, generator=g),
+        "diffusion_markov_head.w2": chain / rank**0.5 * torch.randn(rank, v, generator=g),
+    }

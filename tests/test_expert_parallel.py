@@ -7,6 +7,7 @@ import pytest
 import ray
 import torch
 
+from conftest import add_draft_heads, random_draft_heads
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
 from workers.model_runner import StepLayout
@@ -38,7 +39,9 @@ def checkpoints(tmp_path_factory):
                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                              moe_intermediate_size=32, intermediate_size=64, num_experts=4,
                                              num_experts_per_tok=2, initializer_range=0.3))
-    yield {"zaya": _save(zaya, root / "zaya", 7), "qwen3_moe": _save(moe, root / "moe", 7)}
+    paths = {"zaya": _save(zaya, root / "zaya", 7), "qwen3_moe": _save(moe, root / "moe", 7)}
+    add_draft_heads(paths["zaya"], random_draft_heads(zaya.get_output_embeddings().weight, 4, seed=0))  # chained
+    yield paths
     ray.shutdown()
 
 
@@ -63,6 +66,7 @@ def test_ep2_matches_ep1(checkpoints, family):
         one.runner.commit([len(PROMPTS[1]) - 1])
         two.runner.commit([len(PROMPTS[1]) - 1])
 
+        assert (two.runner.draft_chain is not None) == (family == "zaya")  # rank 0's Markov head, for the engine
         tidar_one = [o.output_token_ids for o in one.generate(PROMPTS, GREEDY)]
         tidar_two = [o.output_token_ids for o in two.generate(PROMPTS, GREEDY)]
         assert tidar_two == tidar_one

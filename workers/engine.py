@@ -16,6 +16,7 @@ import torch
 from workers.attention import KVCache
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
+from workers.draft_chain import DraftInput
 from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
@@ -146,7 +147,7 @@ class LLMEngine:
             outcomes.append(tidar.accept(s, rows, self.config.tidar) if s.samples else None)
         self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes)])
 
-        outputs, redraft = [], []
+        outputs, redraft, proposals = [], [], []
         for s, o in zip(batch, outcomes):
             req = s.request
             if o is None:
@@ -158,8 +159,13 @@ class LLMEngine:
             out.step = {"drafted": o.drafted, "accepted": o.accepted, "level": o.level,
                         "committed": len(out.new_token_ids), "batch_size": len(batch)}
             outputs.append(out)
-            if self.config.tidar.two_forward and s.num_drafts and not req.finished:
+            if req.finished:
+                continue
+            if o.proposal is not None:
+                proposals.append((s, o.proposal))
+            if self.config.tidar.two_forward and s.num_drafts:
                 redraft.append(s)
+        tidar.set_drafts(proposals, self.runner.draft_chain, self.config.tidar)
         if redraft:
             self._draft_pass(redraft)
         return outputs
@@ -179,11 +185,15 @@ class LLMEngine:
         """Two-forward mode: draft K tokens after each new anchor from the committed state."""
         layouts = [tidar.draft_pass_layout(s, self.mask_token_id) for s in batch]
         logits = self._forward(batch, layouts)
-        row = 0
+        row, proposals = 0, []
         for s, lay in zip(batch, layouts):
-            tidar.set_drafts(s, logits[row + 1 : row + len(lay.logit_rows)], self.config.tidar)
+            req = s.request
+            # [new anchor at position num_computed_tokens, its K + 1 mask slots]: drafts from slot 0
+            rows = logits[row + 1 : row + len(lay.logit_rows)][: s.block_len - 1]
+            proposals.append((s, DraftInput(rows, req.output_token_ids[-1], req.num_computed_tokens + 1, req.generator)))
             row += len(lay.logit_rows)
-            s.request.stats.forwards += 1
+            req.stats.forwards += 1
+        tidar.set_drafts(proposals, self.runner.draft_chain, self.config.tidar)
 
     def _append(self, req: Request, tokens: list[int]) -> RequestOutput:
         """Add tokens up to the first stop condition; finish the request there."""

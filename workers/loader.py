@@ -70,6 +70,18 @@ def iter_weights(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read {file}: {e}") from None
 
 
+def weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor's shape by name, read from the safetensors headers (no tensor is loaded)."""
+    shapes = {}
+    for file in weight_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from None
+    return shapes
+
+
 def load_tokenizer(model_dir: str | Path):
     """The `tokenizers` tokenizer from tokenizer.json, or None when the directory has none."""
     file = Path(model_dir) / "tokenizer.json"

@@ -43,7 +43,7 @@ def step_layout(
         positions += list(range(start + last_seen + 1, start + last_seen + 1 + block_len))
         parent += [last_seen] + list(range(lo, lo + block_len - 1))
     rows = list(range(anchor, v)) + list(range(v, q))
-    return StepLayout(token_ids, positions, parent, v if write else 0, rows, mask)
+    return StepLayout(token_ids, positions, parent, v if write else 0, rows, mask, num_draft_rows=q - v)
 
 
 
@@ -67,4 +67,5 @@ def training_layout(tokens: list[int], block_len: int, mask_token_id: int, offse
         mask[lo:hi, :start] = True
         mask[lo:hi, lo:hi] = True
         parent += [start - 1] + list(range(lo, hi - 1))
-    return StepLayout(tokens + [mask_token_id] * s_len, list(range(s_len)) * 2, parent, 0, list(range(q)), mask)
+    return StepLayout(tokens + [mask_token_id] * s_len, list(range(s_len)) * 2, parent, 0, list(range(q)), mask,
+                      num_draft_rows=s_len)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.attention import AttentionMetadata, KVCache
+from workers.draft_chain import DraftChain
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -27,6 +28,8 @@ class StepLayout:
     e.g. TiDAR proposals). `parent[i]` is the local index of the token one back on token i's branch
     (-1 = the last committed token): it drives ZAYA's convolution and delayed value. `mask[i, j]` says
     whether new token i may see new token j (None = causal). Every new token sees the whole cached prefix.
+    The last `num_draft_rows` of `logit_rows` are proposal (mask) slots: their logits come from the draft
+    head, not the LM head (see ModelRunner.forward).
     """
 
     token_ids: list[int]
@@ -35,6 +38,7 @@ class StepLayout:
     num_write: int
     logit_rows: list[int]  # local indices whose logits are returned
     mask: torch.Tensor | None = None  # [q, q] bool
+    num_draft_rows: int = 0
 
     @staticmethod
     def causal(token_ids: list[int], start: int, want_logits: bool) -> "StepLayout":
@@ -61,16 +65,29 @@ class ModelRunner:
                           head_dim_of(hf_cfg), dtype, device)
         self.state = self.model.make_state(num_state_slots, dtype, device)
         self._meta: AttentionMetadata | None = None
+        head = self.model.markov_head
+        self.draft_chain = DraftChain(head, self.model.dspark_block_len) if head is not None else None
 
     @torch.inference_mode()
     def forward(self, layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]],
                 state_slots: list[int]) -> torch.Tensor:
-        """Run one forward. Returns logits [sum(len(logit_rows)), V] in request order (fp32)."""
+        """Run one forward. Returns logits [sum(len(logit_rows)), V] in request order (fp32).
+
+        Interface: verify and prefill rows are the LM head's logits; proposal rows (each layout's last
+        `num_draft_rows`) are the draft head's (`compute_draft_logits`: the draft output layer when the
+        checkpoint has one), before the Markov chain, which the engine walks after verification."""
         meta, input_ids, positions, rows = build_inputs(layouts, computed, block_tables, state_slots,
                                                         self.block_size, self.device)
-        hidden = self.model(input_ids, positions, meta, self.kv, self.state)
+        hidden = self.model(input_ids, positions, meta, self.kv, self.state)[rows]
         self._meta = meta
-        return self.model.compute_logits(hidden[rows])
+        if self.model.diffusion_output_layer is None or not any(l.num_draft_rows for l in layouts):
+            return self.model.compute_logits(hidden)
+        is_draft = torch.tensor([i >= len(l.logit_rows) - l.num_draft_rows for l in layouts
+                                 for i in range(len(l.logit_rows))], device=self.device)
+        logits = torch.empty(len(hidden), self.model.cfg.vocab_size, device=self.device)
+        logits[~is_draft] = self.model.compute_logits(hidden[~is_draft])
+        logits[is_draft] = self.model.compute_draft_logits(hidden[is_draft])
+        return logits
 
     def commit(self, last_kept: list[int]) -> None:
         """Keep the recurrent state after token `last_kept[b]` (local index) of each request of the last forward."""

@@ -2,8 +2,9 @@
 
 One forward holds [anchor, d1..dk] (causal, written to the KV cache) and one block of K+1 masks per
 proposal level (scratch). Afterwards: n drafts are accepted plus one AR token (the next anchor); the
-proposal with the largest level <= n supplies the next drafts; the KV and CCA state keep positions up to
-the last accepted draft and everything after is rolled back (block_manager.trim / no CCA commit).
+proposal with the largest level <= n supplies the next drafts, chained on the new anchor when the model
+has a Markov head (workers/draft_chain.py); the KV and CCA state keep positions up to the last accepted
+draft and everything after is rolled back (block_manager.trim / no CCA commit).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.config import TidarConfig
+from workers.draft_chain import DraftChain, DraftInput, walk
 from workers.masks import step_layout
 from workers.model_runner import StepLayout
-from workers.sampler import draft, verify
+from workers.sampler import verify
 from workers.scheduler import Scheduled
 
 # Checkpoint attributes that may name the mask token, in the order Zyphra's vLLM fork reads them.
@@ -60,6 +62,7 @@ class Outcome:
     drafted: int = 0
     accepted: int = 0
     level: int | None = None  # proposal level chosen for the next drafts
+    proposal: DraftInput | None = None  # the kept slots of that level's block, for `set_drafts`
 
 
 def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
@@ -69,23 +72,23 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
     d_logits = req.draft_logits[:k] if req.draft_logits is not None else None
     n, token = verify(logits[: k + 1], drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
                       cfg.mix_weight if cfg.sampler == "mix" else 1.0)
-    level = None
+    level, proposal = None, None
+    req.drafts, req.draft_logits = [], None
     if s.levels:
         # the block with the largest level <= n (levels need not be sorted)
         j = max((i for i, p in enumerate(s.levels) if p <= n), key=lambda i: s.levels[i])
         level = s.levels[j]
         block = logits[k + 1 + j * s.block_len : k + 1 + (j + 1) * s.block_len]
-        # slot i of the block sits at anchor + level + 1 + i; keep the slots after the new anchor
-        set_drafts(s, block[n - level + 1 :], cfg)
-    else:
-        req.drafts, req.draft_logits = [], None
+        # the anchor sits at b; slot i of the block at b + level + 1 + i; the new anchor (`token`) at
+        # b + n + 1, so the slots kept as drafts start at slot n - level + 1, position b + n + 2
+        b = req.num_computed_tokens + s.num_tokens - 1
+        proposal = DraftInput(block[n - level + 1 :][: s.block_len - 1], token, b + n + 2, req.generator)
     req.stats.record_verify(k, n, level)
-    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n, k, n, level)
+    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n, k, n, level, proposal)
 
 
-def set_drafts(s: Scheduled, rows: torch.Tensor, cfg: TidarConfig) -> None:
-    """rows: [m, V] diffusion logits for the positions right after the anchor."""
-    rows = rows[: s.block_len - 1]
-    req = s.request
-    req.draft_logits = rows
-    req.drafts = draft(rows, cfg.draft_temperature, req.generator)
+def set_drafts(batch: list[tuple[Scheduled, DraftInput]], chain: DraftChain | None, cfg: TidarConfig) -> None:
+    """Draft each request's next tokens from its kept proposal slots (chained when the model has a Markov
+    head), all requests of the step at once."""
+    for (s, _), (drafts, rows) in zip(batch, walk([p for _, p in batch], chain, cfg.draft_temperature)):
+        s.request.drafts, s.request.draft_logits = drafts, rows

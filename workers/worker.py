@@ -32,6 +32,9 @@ class Worker:
     def commit(self, last_kept: list[int]) -> None:
         self.runner.commit(last_kept)
 
+    def draft_chain(self):
+        return self.runner.draft_chain
+
     def comm_seconds(self) -> float:
         return comm_seconds(self.runner.model)
 

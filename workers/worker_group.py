@@ -33,6 +33,7 @@ class WorkerGroup:
             address = ray.get(self.workers[0].rendezvous.remote(), timeout=self.timeout_s)
             ray.get([w.start.remote(address, self.model_dir, self.runner_args, self.timeout_s) for w in self.workers],
                     timeout=10 * self.timeout_s)
+            self.draft_chain = ray.get(self.workers[0].draft_chain.remote(), timeout=self.timeout_s)
         except Exception:
             self.shutdown()
             raise

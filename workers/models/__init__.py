@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workers.loader import ModelLoadError, iter_weights, load_hf_config
+from workers.loader import ModelLoadError, iter_weights, load_hf_config, weight_shapes
 
 
 def _registry() -> dict[str, type[nn.Module]]:
@@ -101,6 +101,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device
             model = registry[arch](cfg)
     except (AttributeError, TypeError, ValueError) as e:
         raise ModelLoadError(f"config.json does not describe a valid {arch}: {e}") from None
+    with torch.device("meta"):
+        model.add_draft_heads(weight_shapes(model_dir))  # optional: used when the checkpoint has them
     model = model.to_empty(device=device)
     load_weights(model, iter_weights(model_dir))
     return model.to(dtype).eval(), cfg

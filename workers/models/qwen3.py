@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from workers.attention import AttentionMetadata, KVCache, paged_attention
+from workers.models.draft_heads import DraftHeads
 from workers.models.layers import RMSNorm, Rotary, SwiGLU, rope_settings
 
 
@@ -63,7 +64,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class Qwen3ForCausalLM(nn.Module):
+class Qwen3ForCausalLM(DraftHeads, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         check_full_attention(cfg)
@@ -71,6 +72,7 @@ class Qwen3ForCausalLM(nn.Module):
         self.model = Qwen3Model(cfg, self.make_mlp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", False)
+        self.init_draft_heads(cfg)
 
     def make_mlp(self, layer: int) -> nn.Module:
         return SwiGLU(self.cfg.hidden_size, self.cfg.intermediate_size)

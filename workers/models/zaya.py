@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention import AttentionMetadata, KVCache, paged_attention
+from workers.models.draft_heads import DraftHeads
 from workers.models.layers import Experts, RMSNorm, Rotary, rope_settings
 
 
@@ -253,13 +254,14 @@ class ZayaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class ZayaForCausalLM(nn.Module):
+class ZayaForCausalLM(DraftHeads, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.model = ZayaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=getattr(cfg, "lm_head_bias", False))
         self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", True)
+        self.init_draft_heads(cfg)
 
     def make_state(self, num_slots: int, dtype: torch.dtype, device) -> CCAState:
         c = self.cfg

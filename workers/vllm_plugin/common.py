@@ -13,7 +13,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from workers.loader import weight_shapes
 from workers.models import load_weights as load_model_weights
+from workers.models.draft_heads import DraftHeads
 
 
 def check_parallel(vllm_config) -> None:
@@ -38,8 +40,14 @@ def make_attention(num_heads: int, head_dim: int, scale: float, num_kv_heads: in
                      cache_config=vllm_config.cache_config, prefix=prefix)
 
 
-class TidalVllmModel(nn.Module):
+class TidalVllmModel(DraftHeads, nn.Module):
     """Mixin for the top-level classes: `self.model.embed_tokens`, `self.lm_head`, `self.tie_word_embeddings`."""
+
+    def draft_heads_of_checkpoint(self, vllm_config) -> None:
+        """The optional draft heads (workers/models/draft_heads.py) that the checkpoint directory carries, so
+        that its weights load by name; vLLM builds the model before it reads any weight."""
+        self.init_draft_heads(self.cfg)
+        self.add_draft_heads(weight_shapes(vllm_config.model_config.model))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

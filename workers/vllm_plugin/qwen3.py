@@ -61,6 +61,7 @@ class TidalQwen3ForCausalLM(TidalVllmModel):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", False)
         self._tie()
+        self.draft_heads_of_checkpoint(vllm_config)
         self.enable_tidar(vllm_config, hybrid=False)
 
     def make_mlp(self, layer: int) -> nn.Module:

@@ -314,6 +314,7 @@ class TidalZayaForCausalLM(TidalVllmModel, HasInnerState, IsHybrid):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=getattr(cfg, "lm_head_bias", False))
         self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", True)
         self._tie()
+        self.draft_heads_of_checkpoint(vllm_config)
         self.enable_tidar(vllm_config, hybrid=True)
 
     @property
