@@ -202,9 +202,87 @@ def test_distill_batches_train_drafts_on_the_models_text_and_ar_rows_on_real_cod
     torch.testing.assert_close(more[:3], seqs, atol=0, rtol=0)  # resumed: finished rows are kept
 
     sampler = distill.MixedSampler(WindowSampler(stream, 32, 4, seed=0), more, share=0.5, seed=0)
-    batch = train.make_batch("distill", sampler, 0, {"block_len": BLOCK}, SPECIAL["<mask>"])
+    batch = train.make_batch("distill", sampler, 0, {"block_len": BLOCK}, SPECIAL["<mask>"], 16)
     rows = sampler.batch(0)
     assert all(any(torch.equal(rows[i], r) for r in more) for i in (0, 1))
     assert batch.is_ar.sum() == 2 * 32 and (~batch.is_ar).sum() == 4 * 32  # AR rows of the 2 real windows only
     torch.testing.assert_close(batch.targets[batch.is_ar], rows[2:, 1:].reshape(-1), atol=0, rtol=0)
     torch.testing.assert_close(batch.targets[~batch.is_ar], rows[:, :32].reshape(-1), atol=0, rtol=0)
+
+
+def chained_model(tmp_path):
+    """A tiny model with chained draft heads (add_chain_heads, then moved off their neutral start) and its export."""
+    from bench.random_model import byte_tokenizer
+    from training.model import add_chain_heads
+
+    config, model = tiny_model()
+    add_chain_heads(model, 8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.diffusion_markov_head.w2.normal_(0.0, 0.5, generator=g)
+        model.diffusion_output_layer.weight.add_(torch.randn(model.diffusion_output_layer.weight.shape, generator=g))
+    byte_tokenizer().save(str(tmp_path / "tok.json"))
+    out = write_model_dir(tmp_path / "chained", config, model.state_dict(), tmp_path / "tok.json", SPECIAL["<mask>"])
+    return model, out
+
+
+def test_fresh_chain_heads_start_from_the_plain_model():
+    """diffusion_output_layer = the LM head and w2 = 0: training continues from today's model unchanged."""
+    from training.model import add_chain_heads
+
+    _, model = tiny_model()
+    batch = batches.tidar_batch(windows(2, 40, seed=2), BLOCK, SPECIAL["<mask>"], [0, 6])
+    with torch.no_grad():
+        before = batches.row_logits(model, batch)
+        add_chain_heads(model, 8)
+        torch.testing.assert_close(batches.row_logits(model, batch), before, atol=0, rtol=0)
+
+
+def test_training_rows_are_the_chained_rows_the_engine_drafts_from(tmp_path):
+    """Masked row t of a training block = the engine's proposal row for position t (draft head) plus the
+    Markov bias of the clean token at t - 1, or of token 0 where t is a multiple of dspark_block_len (16);
+    the clean rows are the engine's AR rows."""
+    from workers.masks import step_layout
+    from workers.model_runner import StepLayout
+
+    model, out = chained_model(tmp_path)
+    seq = windows(1, 40, seed=7)
+    tokens = seq[0].tolist()
+    batch = batches.tidar_batch(seq, BLOCK, SPECIAL["<mask>"], [0])  # blocks start at 0, 17, 34
+    with torch.no_grad():
+        train_rows = batches.row_logits(model, batch)  # [2S, V]: clean rows, then masked rows
+    engine = LLMEngine(EngineConfig(model=str(out), mode="tidar", kv_cache_bytes=1 << 20))
+    runner, table = engine.runner, [[0, 1, 2]]
+    runner.forward([StepLayout.causal(tokens[:16], 0, False)], [0], table, [0])
+    runner.commit([15])
+    # anchor tokens[16] at position 16, one level-0 block of 17 mask slots at positions 17..33
+    logits = runner.forward([step_layout([tokens[16]], [], 16, (0,), BLOCK, SPECIAL["<mask>"])], [16], table, [0])
+    prev = torch.tensor([0 if t % 16 == 0 else tokens[t - 1] for t in range(17, 34)])
+    served = logits[1:] + runner.draft_chain.head(prev)
+    torch.testing.assert_close(served, train_rows[40 + 17 : 40 + 34], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0], train_rows[16], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(served, logits[1:], atol=1e-2)  # the chain term is not negligible
+
+
+def test_a_run_continues_an_exported_model_with_chain_heads_and_resumes(tmp_path):
+    from bench.random_model import byte_tokenizer
+
+    config, model = tiny_model()
+    byte_tokenizer().save(str(tmp_path / "tok.json"))
+    init = write_model_dir(tmp_path / "init", config, model.state_dict(), tmp_path / "tok.json", SPECIAL["<mask>"])
+    run = ["--init-from", str(init), "--markov-rank", "8", "--max-files", "4", "--seq-len", "32", "--batch-size", "2",
+           "--distill-tokens", "256", "--distill-seqs", "3", "--eval-windows", "2", "--eval-every", "0", "--quiet",
+           "--export-dir", ""]
+    assert pipeline.main(["--out", str(tmp_path / "run"), *run, "--stop-after-steps", "2"]) == 0
+    assert not (tmp_path / "run" / "DONE").exists()
+    assert pipeline.main(["--out", str(tmp_path / "run"), *run]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["tokens"] == 4 * 2 * 32  # the distill phase only, all of its 4 steps
+    assert ckpt["model"]["diffusion_markov_head.w2"].abs().sum() > 0  # the chain was trained
+    export = tmp_path / "run" / "final-export"
+    assert json.loads((export / "config.json").read_text())["dspark_block_len"] == 16
+    tidar = LLMEngine(EngineConfig(model=str(export), mode="tidar", kv_cache_bytes=1 << 20))
+    ar = LLMEngine(EngineConfig(model=str(export), kv_cache_bytes=1 << 20))
+    assert tidar.runner.draft_chain is not None
+    greedy, prompt = SamplingParams(max_tokens=20, ignore_eos=True), windows(1, 12, seed=9)[0].tolist()
+    assert tidar.generate([prompt], greedy)[0].output_token_ids == ar.generate([prompt], greedy)[0].output_token_ids

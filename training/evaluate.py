@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.batches import ar_batch, forward_hidden, tidar_batch
+from training.batches import ar_batch, row_logits, tidar_batch
 
 
 @torch.no_grad()
@@ -33,14 +33,14 @@ def evaluate(model, windows: torch.Tensor, block_len: int, mask_token_id: int, b
         b, s = seqs.shape[0], seqs.shape[1] - 1
         if not tidar:
             batch = ar_batch(seqs)
-            logits = model.compute_logits(forward_hidden(model, batch)[batch.rows])
+            logits = row_logits(model, batch)
             ar_nll += F.cross_entropy(logits, batch.targets, reduction="sum").item()
             ar_ok += (logits.argmax(-1) == batch.targets).sum().item()
             ar_n += len(batch.targets)
             continue
         offsets = [(i + j) % block_len for j in range(b)]
-        batch = tidar_batch(seqs, block_len, mask_token_id, offsets)
-        logits = model.compute_logits(forward_hidden(model, batch)[batch.rows]).view(b, 2, s, -1)
+        batch = tidar_batch(seqs, block_len, mask_token_id, offsets, chain_block_len=model.dspark_block_len)
+        logits = row_logits(model, batch).view(b, 2, s, -1)
         targets = batch.targets.view(b, 2, s)
         nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(b, 2, s)
         pred = logits.argmax(-1)  # [B, 2, S]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.batches import Batch, forward_hidden
+from training.batches import Batch, row_logits
 
 
 @dataclass
@@ -21,8 +21,7 @@ class LossOut:
 
 def compute(model, batch: Batch, alpha: float = 1.0) -> LossOut:
     """TiDAR: (alpha * L_AR + L_diff) / (1 + alpha); AR-only or diffusion-only batches give that loss alone."""
-    hidden = forward_hidden(model, batch)  # [T, H]
-    logits = model.compute_logits(hidden[batch.rows])  # [N, V] fp32
+    logits = row_logits(model, batch)  # [N, V] fp32
     ce = F.cross_entropy(logits, batch.targets.long(), reduction="none")  # [N]
     correct = logits.detach().argmax(-1) == batch.targets
     ar_rows, diff_rows = batch.is_ar, ~batch.is_ar

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from workers.models.draft_heads import DRAFT_LAYER, MARKOV_W1, MARKOV_W2
 from workers.models.zaya import ZayaForCausalLM, ZayaRouter
 
 # Sized for CPU training and a <= 30 MB fp32 export (see README of the exported model).
@@ -85,6 +86,21 @@ def build_model(config: dict, seed: int = 0, qk_temp: float = QK_TEMP_INIT) -> Z
     return model
 
 
+@torch.no_grad()
+def add_chain_heads(model: ZayaForCausalLM, rank: int, seed: int = 0) -> None:
+    """Zyphra's draft heads (workers/models/draft_heads.py), set up to start from the plain model: the draft
+    output layer a copy of the LM head, w1 ~ N(0, 1) and w2 = 0, so the first drafts equal the model's own."""
+    v, h = model.cfg.vocab_size, model.cfg.hidden_size
+    shapes = {MARKOV_W1: (v, rank), MARKOV_W2: (rank, v)}
+    if model.diffusion_output_layer is None:  # a trained one is kept
+        shapes[DRAFT_LAYER] = (v, h)
+    model.add_draft_heads(shapes)
+    if DRAFT_LAYER in shapes:
+        model.diffusion_output_layer.weight.copy_(model.lm_head.weight)
+    model.diffusion_markov_head.w1.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+    model.diffusion_markov_head.w2.zero_()
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Unique parameters (the tied head counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -103,5 +119,5 @@ def size_mb(n_params: int, bytes_per: int = 4) -> float:
     return n_params * bytes_per / 1e6
 
 
-__all__ = ["DEFAULT_ARCH", "make_config", "namespace", "init_weights", "build_model", "count_params", "size_mb",
-           "active_params"]
+__all__ = ["DEFAULT_ARCH", "make_config", "namespace", "init_weights", "build_model", "add_chain_heads",
+           "count_params", "size_mb", "active_params"]

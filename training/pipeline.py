@@ -1,6 +1,11 @@
 """The whole run, resumable: data -> tokenizer -> model -> AR pretraining -> TiDAR conversion -> export.
 
     python -m training.pipeline --out runs/zaya-code [--hours H]
+    python -m training.pipeline --out runs/chain --init-from models/zaya-code-tiny --markov-rank 64 --seq-len 512
+
+With --init-from a run continues an exported model instead (its tokenizer, config and weights) with one
+phase: more conversion and self-distillation on fresh greedy text of that model; --markov-rank adds
+Zyphra's chained draft heads (workers/models/draft_heads.py), trained in the same loss.
 
 Every stage leaves its product in the run directory and is skipped when that product exists; training
 resumes from the last checkpoint (written every few minutes, and on SIGTERM / Ctrl-C between steps).
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import time
@@ -21,6 +27,7 @@ import torch
 
 from training import checkpoint, data, distill, evaluate, export, model as zmodel, optim, tokenizer, train
 from training.windows import WindowSampler, eval_windows
+from workers.loader import iter_weights, weight_shapes
 
 # Measured on this machine at batch 16 x 256, 1 thread: alone (CPU time) AR ~2.7k tokens/s and TiDAR ~1.3k clean
 # tokens/s (2.6k slots/s); shared with the other work running here, about 1.4k and 0.65k of wall time.
@@ -60,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared: 1 is fastest)")
     ap.add_argument("--export-dir", default="models/zaya-code-tiny",
                     help="where the finished model is exported ('' to skip; the run dir's final-export/ is always written)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue this exported model (tokenizer, config, weights): one distill phase")
+    ap.add_argument("--markov-rank", type=int, default=None,
+                    help="train the chained draft heads: draft output layer + a Markov head of this rank")
     ap.add_argument("--stop-after-steps", type=int, default=None, help="stop (checkpointed) after this many steps of "
                     "the current phase, as if killed (tests)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare_data(run: Path, args) -> dict:
     """Corpus lists, tokenizer and token streams in the run dir; returns the data/tokenizer summary."""
+    if args.init_from and not (run / "tokenizer.json").is_file():
+        shutil.copyfile(args.init_from / "tokenizer.json", run / "tokenizer.json")
     if not (run / "train_files.txt").is_file():
         corpus = data.find_corpus()
         if args.max_files:
@@ -123,18 +136,38 @@ def make_plan(run: Path, args) -> dict:
              "lr": args.tidar_lr / 2, "warmup": 20, "sequences": args.distill_seqs or DEFAULT_DISTILL_SEQS,
              "share": 0.5},
         ],
+        "init_from": str(args.init_from) if args.init_from else None,
+        "markov_rank": args.markov_rank,
     }
+    if args.init_from:  # a continued model: conversion + self-distillation only
+        plan["phases"] = plan["phases"][2:]
     path.write_text(json.dumps(plan, indent=2) + "\n")
     return plan
 
 
 def distill_data(run: Path, args, plan: dict, phase: dict, stream: torch.Tensor) -> torch.Tensor:
-    """The model's greedy continuations, written by the model as the previous phase left it (exported once)."""
-    teacher = run / "distill-teacher"
+    """The model's greedy continuations, written by the model as the previous phase left it (exported once;
+    a continued run's teacher is the model it continues)."""
+    teacher = Path(plan["init_from"]) if plan.get("init_from") else run / "distill-teacher"
     if not (teacher / "model.safetensors").is_file():
         export.export_run(run, teacher, "final")
     return distill.generate(teacher, stream, phase["sequences"], plan["seq_len"], plan["seed"] + 77,
                             run / "distill_tokens.pt", quiet=args.quiet)
+
+
+def build(config: dict, plan: dict):
+    """The model a run starts from: fresh, or the model it continues; plus fresh chained draft heads when the
+    plan trains them and that model has none."""
+    model = zmodel.build_model(config, plan["seed"], plan.get("qk_temp", zmodel.QK_TEMP_INIT))
+    if plan.get("init_from"):
+        init = Path(plan["init_from"])
+        model.add_draft_heads(weight_shapes(init))
+        missing, unexpected = model.load_state_dict(dict(iter_weights(init)), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is not stored
+            raise SystemExit(f"{init} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if plan.get("markov_rank") and model.diffusion_markov_head is None:
+        zmodel.add_chain_heads(model, plan["markov_rank"], plan["seed"])
+    return model
 
 
 def write_summary(run: Path, summary: dict) -> None:
@@ -155,9 +188,12 @@ def main(argv=None) -> int:
     special = summary["tokenizer"]["special"]
     mask_id = special["<mask>"]
 
-    config = zmodel.make_config(summary["tokenizer"]["vocab_size"], special, **plan["arch"])
+    if plan.get("init_from"):
+        config = json.loads((Path(plan["init_from"]) / "config.json").read_text())
+    else:
+        config = zmodel.make_config(summary["tokenizer"]["vocab_size"], special, **plan["arch"])
     (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    model = zmodel.build_model(config, plan["seed"], plan.get("qk_temp", zmodel.QK_TEMP_INIT))
+    model = build(config, plan)
     summary["model"] = {"config": config, "params": zmodel.count_params(model),
                         "active_params": zmodel.active_params(config),
                         "qk_temp_init": plan.get("qk_temp", zmodel.QK_TEMP_INIT)}

@@ -28,14 +28,15 @@ def phase_steps(phase: dict, plan: dict) -> int:
     return max(1, math.ceil(phase["tokens"] / (plan["batch_size"] * plan["seq_len"])))
 
 
-def make_batch(kind: str, sampler: WindowSampler, step: int, plan: dict, mask_token_id: int):
+def make_batch(kind: str, sampler: WindowSampler, step: int, plan: dict, mask_token_id: int, chain_block_len: int):
     """kind 'ar': next-token rows only; 'tidar': the conversion objective; 'distill': the same objective on a
     MixedSampler's batch, AR rows only from its real windows."""
     seqs = sampler.batch(step)
     if kind == "ar":
         return ar_batch(seqs)
     ar_seqs = sampler.ar_rows() if kind == "distill" else None
-    return tidar_batch(seqs, plan["block_len"], mask_token_id, sampler.offsets(step, plan["block_len"]), ar_seqs)
+    return tidar_batch(seqs, plan["block_len"], mask_token_id, sampler.offsets(step, plan["block_len"]), ar_seqs,
+                       chain_block_len)
 
 
 def run_phase(model, opt, plan: dict, phase_index: int, state: checkpoint.TrainState, sampler: WindowSampler,
@@ -62,7 +63,7 @@ def run_phase(model, opt, plan: dict, phase_index: int, state: checkpoint.TrainS
             t0 = time.time()
             lr = optim.lr_at(state.step, total, phase["lr"], phase["warmup"], plan.get("final_lr_ratio", 0.1))
             optim.set_lr(opt, lr)
-            batch = make_batch(phase["kind"], sampler, state.step, plan, mask_token_id)
+            batch = make_batch(phase["kind"], sampler, state.step, plan, mask_token_id, model.dspark_block_len)
             out = losses.compute(model, batch, plan.get("alpha", 1.0))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
