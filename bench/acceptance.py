@@ -1,12 +1,15 @@
 """TiDAR on a trained model: acceptance per sampler, and decode speed vs AR of the same model.
 
-    python -m bench.acceptance [--model models/zaya-code-tiny] [--prompts 8] [--context 256] [--max-tokens 128]
-                               [--batches 1,8] [--json out.json] [--plot out.png]
+    python -m bench.acceptance [--model models/zaya-code-tiny] [--source stdlib|outside] [--prompts 8]
+                               [--context 256] [--max-tokens 128] [--batches 1,8] [--layouts ...]
+                               [--json out.json] [--plot out.png]
 
-Prompts are held-out standard-library files (the trainer's split, training/data.py), cut to `context`
-tokens and ended mid-line. At batch b the prompts run in groups of b. Every configuration runs the whole
-workload twice on one engine and times the second pass (warm allocator, and a warm adaptive policy, as in
-a long-running server); tokens/s is wall clock over the decode, prefill excluded, in the same process.
+Prompts (bench/prompts.py): held-out standard-library files (the trainer's split) or code from outside the
+standard library, cut to `context` tokens and ended mid-line. At batch b the prompts run in groups of b.
+Every configuration runs the whole workload twice on one engine and times the second pass (warm allocator,
+and a warm adaptive policy, as in a long-running server); tokens/s is wall clock over the decode, prefill
+excluded, in the same process.
+- "levels": K = 16, levels (0, 4, 8, 16) on every step, single forward (the engine's default levels).
 - "dense": K = 16 with every level 0..16 on every step: the model's mean acceptance length at K = 16.
 - "two-forward": K = 16, a verify pass then a draft pass over [anchor, K masks] (tidar.two_forward): drafts
   that know the anchor, for two forwards per step.
@@ -22,7 +25,7 @@ import time
 
 import torch
 
-from training.data import find_corpus, texts
+from bench.prompts import SOURCES, code_prompts
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
 
@@ -34,30 +37,17 @@ SAMPLERS = {  # name: (tidar options, sampling temperature)
     "mix w=0.25 T=1": ({"sampler": "mix", "mix_weight": 0.25}, 1.0),
 }
 DENSE = tuple(range(K + 1))
-
-
-def prompts(engine: LLMEngine, n: int, context: int) -> list[list[int]]:
-    corpus = find_corpus()
-    out = []
-    for text in texts(corpus, corpus.heldout):
-        ids = engine.tokenizer.encode(text).ids
-        if len(ids) < context + 32:
-            continue
-        cut = ids[:context]
-        while cut and "\n" in engine.decode(cut[-1:]):  # end mid-line: the tokenizer splits code there
-            cut = cut[:-1]
-        out.append(cut)
-        if len(out) == n:
-            break
-    return out
+LEVELS = (0, 4, 8, 16)
+LAYOUTS = ("levels", "dense", "two-forward", "adaptive")
 
 
 def engine_for(model: str, mode: str, batch: int, layout: str, tidar: dict) -> LLMEngine:
     if mode == "ar":
         return LLMEngine(EngineConfig(model=model, mode="ar", max_num_seqs=batch, max_num_batched_tokens=8192))
     options = dict(block_size=K, **tidar)
-    if layout == "dense":
-        options.update(levels=DENSE, schedule=[dict(max_batch=1024, block_size=K, levels=DENSE)])
+    if layout in ("dense", "levels"):
+        levels = DENSE if layout == "dense" else LEVELS
+        options.update(levels=levels, schedule=[dict(max_batch=1024, block_size=K, levels=levels)])
     elif layout == "two-forward":
         options.update(two_forward=True, schedule=[dict(max_batch=1024, block_size=K, levels=(0,))])
     return LLMEngine(EngineConfig(model=model, mode="tidar", max_num_seqs=batch,
@@ -112,7 +102,7 @@ def plot(results: dict, path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for row in results["rows"]:
-        if row["batch"] == 1 and row["layout"] in ("dense", "two-forward"):
+        if row["batch"] == 1 and row["layout"] in ("levels", "two-forward"):
             reach, run = [], 1.0  # P(drafts 1..i all accepted): the product of the per-position rates
             for r in row["acceptance_by_position"]:
                 run *= r if r is not None else 0.0
@@ -125,11 +115,12 @@ def plot(results: dict, path: str) -> None:
     greedy = [r for r in results["rows"] if r["sampler"] == "greedy"]
     batches = sorted({r["batch"] for r in greedy})
     width = 0.2
-    for j, layout in enumerate(["ar", "dense", "two-forward", "adaptive"]):
+    shown = ["ar"] + [lay for lay in LAYOUTS if any(r["layout"] == lay for r in greedy)]
+    for j, layout in enumerate(shown):
         ys = [next((r["tok_s"] if layout != "ar" else r["ar_tok_s"]) for r in greedy
-                   if r["batch"] == b and r["layout"] == (layout if layout != "ar" else "dense")) for b in batches]
-        label = {"ar": "AR", "dense": "TiDAR dense", "two-forward": "TiDAR two-forward", "adaptive": "TiDAR adaptive"}
-        right.bar([i + (j - 1.5) * width for i in range(len(batches))], ys, width, label=label[layout])
+                   if r["batch"] == b and (layout == "ar" or r["layout"] == layout)) for b in batches]
+        label = "AR" if layout == "ar" else f"TiDAR {layout}"
+        right.bar([i + (j - (len(shown) - 1) / 2) * width for i in range(len(batches))], ys, width, label=label)
     right.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     right.set(ylabel="decode tokens/s (1 CPU thread)", title="Greedy decode speed, same model and prompts")
     right.legend(fontsize=8)
@@ -141,6 +132,8 @@ def plot(results: dict, path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/zaya-code-tiny")
+    ap.add_argument("--source", default="stdlib", choices=SOURCES, help="prompt files (bench/prompts.py)")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="greedy layouts, from: " + ", ".join(LAYOUTS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -151,19 +144,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     probe = LLMEngine(EngineConfig(model=args.model))
-    all_prompts = prompts(probe, args.prompts, args.context)
-    print(f"model {args.model}; {len(all_prompts)} held-out prompts of <= {args.context} tokens; "
+    all_prompts = code_prompts(probe.tokenizer, args.prompts, args.context, args.source)
+    print(f"model {args.model}; {len(all_prompts)} {args.source} prompts of <= {args.context} tokens; "
           f"{args.max_tokens} generated; K={K}; 1 thread; second of two passes timed")
     print("| sampler | batch | layout | mean acceptance length | drafting steps | TiDAR tok/s | AR tok/s | TiDAR / AR |")
     print("|---|---|---|---|---|---|---|---|")
-    results = {"model": args.model, "prompts": len(all_prompts), "context": args.context,
+    results = {"model": args.model, "source": args.source, "prompts": len(all_prompts), "context": args.context,
                "max_tokens": args.max_tokens, "rows": []}
     for name in args.samplers.split(","):
         tidar, temperature = SAMPLERS[name]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
         for b in [int(x) for x in args.batches.split(",")]:
             ar = measure(args.model, "ar", "", all_prompts, b, params, {})
-            for layout in ["dense", "two-forward", "adaptive"] if name == "greedy" else ["dense"]:
+            layouts = args.layouts.split(",") if name == "greedy" else [l for l in ("levels", "two-forward")
+                                                                        if l in args.layouts.split(",")]
+            for layout in layouts:
                 td = measure(args.model, "tidar", layout, all_prompts, b, params, tidar)
                 row = {"sampler": name, "batch": b, "layout": layout, **td, "ar_tok_s": ar["tok_s"],
                        "speedup": td["tok_s"] / ar["tok_s"]}
@@ -172,7 +167,7 @@ def main() -> None:
                       f"{td['drafting_share']:.0%} | {td['tok_s']:.0f} | {ar['tok_s']:.0f} | {row['speedup']:.2f}x |",
                       flush=True)
     for row in results["rows"]:
-        if row["layout"] in ("dense", "two-forward") and row["batch"] == 1:
+        if row["layout"] in ("levels", "dense", "two-forward") and row["batch"] == 1:
             print(f"acceptance by position, {row['sampler']} {row['layout']}: {row['acceptance_by_position']}")
     if args.json:
         with open(args.json, "w") as f:

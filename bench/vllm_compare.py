@@ -107,7 +107,7 @@ def workload_rate(engine, prompts: list[list[int]], batch: int, max_tokens: int)
 
 def demo(args) -> None:
     """TiDAR (native) vs AR (native and vLLM) on a trained model."""
-    from bench.acceptance import prompts as heldout_prompts
+    from bench.prompts import code_prompts
     from workers.config import EngineConfig
     from workers.engine import LLMEngine
     from workers.vllm_backend import VllmEngine
@@ -117,7 +117,7 @@ def demo(args) -> None:
     engines = {"native TiDAR": LLMEngine(EngineConfig(mode="tidar", **common)),
                "native AR": LLMEngine(EngineConfig(mode="ar", **common)),
                "vLLM AR": VllmEngine(EngineConfig(backend="vllm", **common))}
-    prompts = heldout_prompts(engines["native AR"], args.prompts, args.context)
+    prompts = code_prompts(engines["native AR"].tokenizer, args.prompts, args.context)
     print(f"{args.demo}: {len(prompts)} held-out prompts of <= {args.context} tokens, {args.max_tokens} greedy tokens; "
           f"native torch threads {args.threads}, vLLM {__import__('vllm').__version__}")
     print("| batch | native TiDAR tok/s | native AR tok/s | vLLM AR tok/s | TiDAR / vLLM AR | same greedy tokens |")
