@@ -42,6 +42,7 @@ class Server:
     kind: str  # one of SERVERS
     model: str
     port: int
+    extra: tuple[str, ...] = ()  # more `tidal serve` flags
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -56,7 +57,7 @@ class Server:
                     "--no-enable-log-requests"]
         mode = ["--mode", "ar"] if self.kind == "tidal-ar" else []
         return ["tidal", "serve", "--model", self.model, "--http-port", str(self.port), "--grpc-port",
-                str(self.port + 1), *mode]
+                str(self.port + 1), *mode, *self.extra]
 
     def start(self, log_dir: Path, timeout_s: float = 300) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
@@ -241,6 +242,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--source", default="outside", choices=SOURCES)
     ap.add_argument("--port", type=int, default=8300)
+    ap.add_argument("--tidal-args", default="", help="extra `tidal serve` flags, e.g. '--stream-interval-ms 50'")
     ap.add_argument("--no-in-process", action="store_true")
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
@@ -259,7 +261,7 @@ def main() -> None:
     rows = []
     for run in range(args.runs):
         for kind in servers:
-            server = Server(kind, args.model, args.port)
+            server = Server(kind, args.model, args.port, tuple(args.tidal_args.split()))
             server.start(log_dir)
             try:
                 served = _served_name(server)

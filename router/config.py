@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workers.config import EngineConfig, InvalidRequest, describe
 
 ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
+STREAM_INTERVAL_MS = 0.0  # chosen by bench.e2e (docs/benchmarks.md)
 
 
 class AutoscalingConfig(BaseModel):
@@ -60,6 +61,9 @@ class ServeConfig(BaseModel):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     max_queued_per_replica: int = Field(64, ge=1, description="admitted but not running; beyond it: overloaded")
     max_ongoing_per_replica: int = Field(256, ge=1)
+    stream_interval_ms: float = Field(
+        STREAM_INTERVAL_MS, ge=0, le=10_000, description="a stream sends a request's new tokens at most this often "
+        "(first and last at once); 0 sends every decode step")
     api_key: str | None = Field(None, description="when set, clients must send 'authorization: Bearer <key>'")
 
     @classmethod

@@ -3,6 +3,9 @@
 Admission is bounded: when the requests waiting for a batch slot reach `max_queued`, a new request
 is refused at once (Overloaded) instead of queueing forever. A cancelled or abandoned stream aborts
 its request in the engine, which frees its KV blocks.
+
+Streams are coalesced: a request's committed tokens go out at most every `stream_interval_ms` (its first
+tokens and its last at once), one Ray message for several decode steps, each step's statistics kept.
 """
 
 from __future__ import annotations
@@ -23,19 +26,21 @@ from workers.vllm_backend import create_engine
 
 
 class EngineReplica:
-    def __init__(self, engine_config: dict, max_queued: int):
+    def __init__(self, engine_config: dict, max_queued: int, stream_interval_ms: float = 0.0):
         telemetry.setup_tracing()
         self.config = EngineConfig(**engine_config)
         self.engine = create_engine(self.config)  # native, or vLLM with our plugin
         self.async_engine = AsyncEngine(self.engine)
         self.max_queued = max_queued
+        self.stream_interval_s = stream_interval_ms / 1000
         self.draining = False
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
         self._report_task = None
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """request: prompt (str | list[int]), sampling (dict), request_id. Yields one event per step."""
+        """request: prompt (str | list[int]), sampling (dict), request_id. Yields events: the tokens of one
+        or more decode steps (`steps`: each step's accept statistics), the first and the last at once."""
         self._ensure_reporter()
         if self.draining:
             raise Draining("this replica is draining; retry on another")
@@ -43,15 +48,19 @@ class EngineReplica:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = SamplingParams.make(**request.get("sampling", {}))
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.get("trace", {})))
-        first, last = True, None
+        first, last, pending, sent_at = True, None, None, 0.0
+        loop = asyncio.get_running_loop()
         stream = self.async_engine.generate(request["prompt"], params, request.get("request_id"))
         try:
             async for out in stream:
                 self._account(out)
                 if span.is_recording():
                     self._trace(span, out, first)
+                pending = self._event(out, pending)
+                if first or out.finished or loop.time() - sent_at >= self.stream_interval_s:
+                    yield pending
+                    pending, sent_at = None, loop.time()
                 first, last = False, out
-                yield self._event(out)
         finally:
             await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
             if span.is_recording() and last is not None:
@@ -80,10 +89,12 @@ class EngineReplica:
                 "tidal.tokens_committed": s["committed"], "tidal.batch_size": s["batch_size"]})
 
     @staticmethod
-    def _event(out) -> dict:
-        return {"request_id": out.request_id, "token_ids": out.new_token_ids, "finished": out.finished,
-                "finish_reason": out.finish_reason, "step": out.step, "stats": out.stats, "error": out.error,
-                "prompt_tokens": len(out.prompt_token_ids)}
+    def _event(out, pending: dict | None) -> dict:
+        """The event for `out`, carrying the tokens and steps of the `pending` one not yet sent."""
+        earlier_ids, earlier_steps = (pending["token_ids"], pending["steps"]) if pending else ([], [])
+        return {"request_id": out.request_id, "token_ids": earlier_ids + out.new_token_ids, "finished": out.finished,
+                "finish_reason": out.finish_reason, "steps": earlier_steps + ([out.step] if out.step else []),
+                "stats": out.stats, "error": out.error, "prompt_tokens": len(out.prompt_token_ids)}
 
     def _account(self, out) -> None:
         t = self.totals

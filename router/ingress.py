@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from tokenizers.decoders import DecodeStream
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
@@ -37,20 +38,32 @@ async def _bad_json(request: Request, exc: RequestValidationError):
 
 
 class Detokenizer:
-    """Incremental text: decode everything so far and emit only what is new and complete."""
+    """Incremental text with the `tokenizers` streaming decoder (DecodeStream): work per token is constant,
+    where decoding the whole output again at every step grew with its length; an incomplete UTF-8 sequence
+    waits for the token that completes it. Special tokens are skipped, as Tokenizer.decode does. The last
+    call (`final`) also returns what is still held, as decoding the whole output would show it."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.sent = 0  # characters returned so far
+        self.held = False  # the last token's text is not out yet
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         if self.tokenizer is None:
             return ""
         self.ids += token_ids
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:  # maybe an incomplete UTF-8 sequence: wait for its next byte
-            return ""
-        delta, self.sent = text[self.sent :], len(text)
-        return delta
+        parts = []
+        for t in token_ids:
+            chunk = self.stream.step(self.tokenizer, t)
+            self.held = chunk is None
+            parts.append(chunk or "")
+        text = "".join(parts)
+        if final and self.held:
+            text += self.tokenizer.decode(self.ids)[self.sent + len(text):]
+        self.sent += len(text)
+        return text
 
 
 @serve.ingress(http_app)
@@ -116,8 +129,10 @@ class Ingress:
                 now = time.monotonic()
                 if event["token_ids"] and last == start:
                     self.metrics.ttft.labels(self.config.model_name).observe(now - start)
-                if event["step"] is not None:
-                    self.metrics.step(event["step"], len(event["token_ids"]), None if last == start else now - last)
+                for step in event["steps"]:
+                    self.metrics.step(step)
+                if event["token_ids"] and last != start:
+                    self.metrics.itl.labels(self.config.model_name).observe((now - last) / len(event["token_ids"]))
                 last = now
                 if event["finished"]:
                     outcome = event["finish_reason"]
@@ -177,13 +192,15 @@ class Ingress:
         grpc_context.set_details(message_of(err))
 
     @staticmethod
-    def _accept_stats(stats: dict, step: dict | None = None) -> pb.AcceptStats:
-        if step is not None:
-            out = pb.AcceptStats(drafted=step["drafted"], accepted=step["accepted"])
-            if step["level"] is not None:
-                out.level = step["level"]
-            if step.get("batch_size") is not None:
-                out.batch_size = step["batch_size"]
+    def _accept_stats(stats: dict, steps: list[dict] | None = None) -> pb.AcceptStats:
+        """The request's totals, or (steps) those of the decode steps one stream message carries: drafts
+        summed, the last step's level and batch size."""
+        if steps:
+            out = pb.AcceptStats(drafted=sum(s["drafted"] for s in steps), accepted=sum(s["accepted"] for s in steps))
+            if steps[-1]["level"] is not None:
+                out.level = steps[-1]["level"]
+            if steps[-1].get("batch_size") is not None:
+                out.batch_size = steps[-1]["batch_size"]
             return out
         return pb.AcceptStats(forwards=stats["forwards"], drafted=stats.get("drafted", 0),
                               accepted=stats.get("accepted", 0),
@@ -216,8 +233,8 @@ class Ingress:
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
                                                 text=text.add(event["token_ids"], event["finished"]))
-                if event["step"] is not None:
-                    msg.step.CopyFrom(self._accept_stats(event["stats"], event["step"]))
+                if event["steps"]:
+                    msg.step.CopyFrom(self._accept_stats(event["stats"], event["steps"]))
                 if event["finished"]:
                     msg.finish_reason = event["finish_reason"]
                     msg.usage.CopyFrom(self._usage(event))

@@ -104,7 +104,8 @@ class Metrics:
                               registry=r)
         self.replicas = Gauge("tidal:engine_replicas", "Live engine replicas", labels, registry=r)
 
-    def step(self, step: dict, committed: int, seconds_since_last: float | None) -> None:
+    def step(self, step: dict) -> None:
+        """One decode step of one request: drafts offered and accepted (by position), tokens committed."""
         m = self.model
         if step["drafted"]:
             self.num_drafts.labels(m).inc()
@@ -112,10 +113,8 @@ class Metrics:
             self.num_accepted_tokens.labels(m).inc(step["accepted"])
             for pos in range(step["accepted"]):
                 self.accepted_per_pos.labels(m, str(pos)).inc()
-        if committed:
-            self.tokens_per_forward.labels(m).observe(committed)
-            if seconds_since_last is not None:
-                self.itl.labels(m).observe(seconds_since_last / committed)
+        if step["committed"]:
+            self.tokens_per_forward.labels(m).observe(step["committed"])
 
     def load(self, summary: dict) -> None:
         m = self.model

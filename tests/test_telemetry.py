@@ -169,7 +169,7 @@ def test_replica_without_tracing(replica, monkeypatch):
         events = run(replica, tiny_request(carrier))
         assert sum(len(e["token_ids"]) for e in events) == TINY_TOKENS
         assert events[-1]["finished"] and events[-1]["finish_reason"] == "length"
-        assert all(e["step"] is not None for e in events)
+        assert all(e["steps"] for e in events)
     assert built == [], "span data was built with tracing off"
     assert not telemetry.tracer().start_span("x").is_recording()
     assert EXPORTER.get_finished_spans() == ()
@@ -177,6 +177,26 @@ def test_replica_without_tracing(replica, monkeypatch):
     assert ray.is_initialized() == ray_before
     if not ray_before:
         assert replica._report_task is None
+
+
+def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny_model):
+    """stream_interval_ms longer than the request: one message with the first step's tokens, one with all the
+    rest; every decode step's statistics still arrive, and the tokens are the uncoalesced stream's."""
+    config = EngineConfig(model=tiny_model, mode="tidar", block_size=4, kv_cache_bytes=1 << 20,
+                          tidar=TIDAR).model_dump(mode="json")
+    streams = {}
+    for interval in (0.0, 60_000.0):
+        r = EngineReplica(config, max_queued=8, stream_interval_ms=interval)
+        try:
+            streams[interval] = run(r, tiny_request(None))
+        finally:
+            r.async_engine.shutdown()
+    each, coalesced = streams[0.0], streams[60_000.0]
+    assert len(each) > 2 and len(coalesced) == 2
+    assert coalesced[0]["token_ids"] == each[0]["token_ids"]  # the first tokens are not held back
+    assert [t for e in coalesced for t in e["token_ids"]] == [t for e in each for t in e["token_ids"]]
+    assert [s for e in coalesced for s in e["steps"]] == [s for e in each for s in e["steps"]]
+    assert coalesced[-1]["finished"] and coalesced[-1]["stats"] == each[-1]["stats"]
 
 
 def test_replica_span_tree(replica):

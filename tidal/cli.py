@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the config's; auto (the default without --config): tidar when the model names a "
                          "mask token, else ar")
     sv.add_argument("--api-key", help="require 'authorization: Bearer KEY' on every request")
+    sv.add_argument("--stream-interval-ms", type=float,
+                    help="send a request's new tokens at most this often (first and last at once; 0: every step)")
     sv.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
 
     d = sub.add_parser("deploy", help="deployment artifacts: KubeRay RayService and Serve configs")
@@ -116,7 +118,7 @@ def cmd_serve(args) -> int:
 
     overrides = {"engine.model": args.model, "engine.mode": args.mode, "engine.ep_size": args.ep,
                  "grpc_port": args.grpc_port, "http_port": args.http_port, "http_host": args.http_host,
-                 "api_key": args.api_key}
+                 "api_key": args.api_key, "stream_interval_ms": args.stream_interval_ms}
     if args.replicas:
         overrides["autoscaling"] = AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas)
     if not args.config and not args.model:
