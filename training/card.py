@@ -23,6 +23,8 @@ def _eval_rows(evals: dict[str, dict]) -> list[str]:
 
 def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
     s = json.loads((Path(run_dir) / "summary.json").read_text())
+    if s["plan"].get("init_from"):
+        return continued_card(s)
     d, t, m, plan = s["data"], s["tokenizer"], s["model"], s["plan"]
     phases = {p["name"]: p for p in s.get("phases", [])}
     evals = {}
@@ -101,3 +103,39 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
               "- Python only (stdlib style), no chat or instruction data.",
               "- The teacher-forced accepted length is a proxy; measure acceptance with the serving benchmarks.", ""]
     return "\n".join(lines)
+
+
+def continued_card(s: dict) -> str:
+    """A run that continued an exported model: that model's card (up to its measurements, which no longer
+    hold) and a section on this run: the chained draft heads, the data, the phase and before / after."""
+    plan, m = s["plan"], s["model"]
+    base = (Path(plan["init_from"]) / "README.md").read_text().split("\n## Measured with the engine")[0].rstrip()
+    phases = {p["name"]: p for p in s.get("phases", [])}
+    p = plan["phases"][0]
+    done = phases.get(p["name"], {})
+    rank = plan.get("markov_rank")
+    lines = [base, "", "## Continued training: chained draft heads (this export)", "",
+             f"Continued from `{plan['init_from']}` (the model described above) with one phase, "
+             f"{'finished' if done.get('done') else 'not finished'}: more TiDAR conversion and self-distillation in one "
+             f"objective, on sequences of {plan['seq_len']} tokens (batch {plan['batch_size']}): {p['share']:.0%} of each "
+             f"batch from {p['sequences']:,} fresh greedy continuations written by that model (diffusion rows only), "
+             "the rest real train-split windows (both objectives)."]
+    if rank:
+        lines += ["", f"Zyphra's checkpoint-only draft heads were added and trained in the same loss: "
+                  f"`diffusion_output_layer.weight` [V, H] (started as a copy of the LM head) and a rank-{rank} Markov "
+                  "head `diffusion_markov_head.w1` [V, R] (normal init) / `w2` [R, V] (zero init), so training started "
+                  "from the plain model. Mask slot t's logits are `W_d h_t + w1[prev] @ w2`, prev = the clean token at "
+                  "t - 1 (teacher forcing), token 0 where t is a multiple of `dspark_block_len` = 16; at inference the "
+                  "engine chains each draft on the one before it, starting from the anchor "
+                  "(workers/draft_chain.py). Verify rows always use the LM head."]
+    lines += ["", f"{m['params']:,} parameters ({m['params'] * 4 / 1e6:.1f} MB fp32) with the heads.", "",
+              "| phase | steps | tokens | peak lr | wall time | tokens/s |", "|---|---|---|---|---|---|",
+              f"| {p['name']} | {done.get('steps', '-')} | {done.get('tokens', 0):,} | {p['lr']} | "
+              f"{done.get('elapsed_s', 0) / 3600:.2f} h | {_fmt(done.get('tok_s'), 0)} |"]
+    evals = {label: phases[n]["eval"] for n, label in (("init", "before this run"), (p["name"], "after"))
+             if phases.get(n, {}).get("eval")}
+    if evals:
+        n = next(iter(evals.values())).get("tokens")
+        lines += ["", f"Held-out ({n:,} tokens, sequences of {plan['seq_len']}; drafts teacher-forced):", ""]
+        lines += _eval_rows(evals)
+    return "\n".join(lines) + "\n"
