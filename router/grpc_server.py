@@ -12,23 +12,41 @@ import asyncio
 from collections.abc import AsyncGenerator
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from proto import tidal_pb2 as pb
 from proto import tidal_pb2_grpc as pbg
+
+SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())  # tidal.v1.Generation, .Control
 
 # Ports are shared with SO_REUSEPORT, so a replacement ingress can bind while the old one drains.
 SERVER_OPTIONS = [("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 << 20),
                   ("grpc.max_send_message_length", 64 << 20)]
 
 
-async def start(servicer, host: str, port: int) -> grpc.aio.Server:
-    """Serve the Generation and Control services of `servicer` on host:port (in the running loop)."""
+async def start(servicer, host: str, port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """Serve the Generation and Control services of `servicer` on host:port (in the running loop), with the
+    standard grpc.health.v1 service (NOT_SERVING until `set_serving` says otherwise: what Kubernetes' gRPC
+    probes and grpc-health-probe ask) and server reflection (grpcurl list / describe)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pbg.add_GenerationServicer_to_server(servicer, server)
     pbg.add_ControlServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    await set_serving(health_servicer, False)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise RuntimeError(f"cannot listen for gRPC on {host}:{port}")
     await server.start()
-    return server
+    return server, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """The status of the whole server ("") and of each tidal.v1 service."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, status)
 
 
 def close_when_rpc_ends(grpc_context, events: AsyncGenerator) -> None:

@@ -6,6 +6,7 @@ Serve's load-aware router (power of two choices over replica queue lengths). A c
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -77,7 +78,8 @@ class Ingress:
         self._info: dict | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
-        self.grpc = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port)
+        self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port)
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
 
     def __del__(self):
         """Serve's graceful shutdown awaits what this returns: open RPCs get a few seconds, then the port closes.
@@ -242,8 +244,17 @@ class Ingress:
         except Exception as e:
             self._fail(grpc_context, e)
 
+    async def _serving(self) -> bool:
+        return not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0
+
+    async def _health_loop(self) -> None:
+        """Keep grpc.health.v1 current: SERVING while not draining and some engine replica reports load."""
+        while True:
+            await grpc_server.set_serving(self.health, await self._serving())
+            await asyncio.sleep(1.0)
+
     async def Health(self, request: pb.HealthRequest, grpc_context) -> pb.HealthResponse:
-        ok = not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0
+        ok = await self._serving()
         return pb.HealthResponse(status=pb.HealthResponse.SERVING if ok else pb.HealthResponse.NOT_SERVING)
 
     def _grpc_authorized(self, grpc_context) -> bool:
@@ -271,11 +282,12 @@ class Ingress:
     async def Drain(self, request: pb.DrainRequest, grpc_context) -> pb.DrainResponse:
         if not self._grpc_authorized(grpc_context):
             return pb.DrainResponse()
-        self.draining = True
+        await self.begin_drain()
         return pb.DrainResponse(in_flight=self.in_flight)
 
-    def begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         self.draining = True
+        await grpc_server.set_serving(self.health, False)
 
     def in_flight_count(self) -> int:
         return self.in_flight

@@ -196,6 +196,30 @@ def test_grpc_generate_matches_offline(server, offline, prompt, n):
     assert list(plain.token_ids) == ref.output_token_ids and plain.text == ""
 
 
+def standard_health(server, service: str = "") -> int:
+    """grpc.health.v1 Check through the standard stub (what Kubernetes' gRPC probes call)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_standard_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    deadline = time.monotonic() + 30  # the ingress refreshes its status every second
+    while standard_health(server) != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for service in ("", "tidal.v1.Generation", "tidal.v1.Control"):
+        assert standard_health(server, service) == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    reply = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                          timeout=10))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"tidal.v1.Generation", "tidal.v1.Control", "grpc.health.v1.Health"} <= names
+
+
 def test_control_plane(server, offline):
     assert server.ctl.Health(pb.HealthRequest(), metadata=MD, timeout=10).status == pb.HealthResponse.SERVING
     info = server.ctl.GetModelInfo(pb.ModelInfoRequest(), metadata=MD, timeout=10)
@@ -518,6 +542,9 @@ def test_drain_refuses_new_work(server):
     server.wait_idle()
     assert server.ctl.Drain(pb.DrainRequest(), metadata=MD, timeout=10).in_flight == 0
     assert server.ctl.Health(pb.HealthRequest(), metadata=MD, timeout=10).status == pb.HealthResponse.NOT_SERVING
+    from grpc_health.v1 import health_pb2
+
+    assert standard_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING  # at once, not a second later
     for call in (server.gen.Generate, lambda *a, **k: list(server.gen.GenerateStream(*a, **k))):
         with pytest.raises(grpc.RpcError) as e:
             call(request(PROMPT, 4), metadata=MD, timeout=30)

@@ -109,7 +109,9 @@ def continued_card(s: dict) -> str:
     """A run that continued an exported model: that model's card (up to its measurements, which no longer
     hold) and a section on this run: the chained draft heads, the data, the phase and before / after."""
     plan, m = s["plan"], s["model"]
-    base = (Path(plan["init_from"]) / "README.md").read_text().split("\n## Measured with the engine")[0].rstrip()
+    readme = Path(plan["init_from"]) / "README.md"
+    base = (readme.read_text().split("\n## Measured with the engine")[0].rstrip() if readme.is_file()
+            else f"# {readme.parent.name}")
     phases = {p["name"]: p for p in s.get("phases", [])}
     p = plan["phases"][0]
     done = phases.get(p["name"], {})
