@@ -59,7 +59,16 @@ class Server:
         return ["tidal", "serve", "--model", self.model, "--http-port", str(self.port), "--grpc-port",
                 str(self.port + 1), *mode, *self.extra]
 
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
     def start(self, log_dir: Path, timeout_s: float = 300) -> None:
+        if self.answers():  # the previous server (its Ray processes) must be gone, or it would answer for us
+            raise RuntimeError(f"something already serves {self.base_url}")
         env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
         self.log = log_dir / f"{self.kind}.log"
         self.proc = subprocess.Popen(self.command(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
@@ -68,12 +77,8 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; see {self.log}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
+            if self.answers():
+                return
             time.sleep(2)
         self.stop()
         raise RuntimeError(f"{self.kind} did not answer within {timeout_s} s; see {self.log}")
@@ -87,6 +92,9 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+        deadline = time.time() + 60
+        while self.answers() and time.time() < deadline:  # Ray's processes outlive the CLI's for a moment
+            time.sleep(1)
 
 
 @dataclass
