@@ -65,11 +65,10 @@ def walk(items: list[DraftInput], chain: DraftChain | None, temperature: float
             prev = reset_prev(prev, pos + k, chain.block_len)
             z = base[:, k] + chain.head(prev)  # [B, V]
             chained[:, k] = z
-            if sampled:
-                prev = torch.tensor([draft(z[i : i + 1], temperature, it.generator)[0] for i, it in enumerate(items)],
-                                    dtype=torch.long, device=dev)
-            else:
-                prev = z.argmax(dim=-1)
+            prev = z.argmax(dim=-1)
+            if sampled:  # each request draws only for its own slots, so its RNG stream ignores the batch
+                prev = torch.tensor([draft(z[i : i + 1], temperature, it.generator)[0] if k < lengths[i] else int(prev[i])
+                                     for i, it in enumerate(items)], dtype=torch.long, device=dev)
             tokens[:, k] = prev
     drafted = tokens.tolist()
     return [(drafted[i][: lengths[i]], chained[i, : lengths[i]]) for i in range(b)]
