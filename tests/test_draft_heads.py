@@ -8,7 +8,6 @@ The heads are random (the shipped model's trained heads are measured by bench/, 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ import torch
 
 from conftest import add_draft_heads, random_draft_heads
 from test_tidar import (  # noqa: F401  (ckpts and stat_ckpt are fixtures)
-    FAMILIES, STAT_V, Ckpt, assert_all_free, chi2_pvalue, ckpts, engine_for, exact_sequence_probs, prompt_of,
+    FAMILIES, Ckpt, assert_all_free, chi2_pvalue, ckpts, engine_for, exact_sequence_probs, prompt_of,
     sample_engine, stat_ckpt, stat_rows, static,
 )
 from workers.config import EngineConfig, SamplingParams
