@@ -84,9 +84,11 @@ def row_logits(model, batch: Batch) -> torch.Tensor:
 
 
 def forward_hidden(model, batch: Batch) -> torch.Tensor:
-    """[T, H] final hidden states; a throwaway 1-block KV cache and fresh CCA state (cold start) per call."""
+    """[T, H] final hidden states; a throwaway KV pool of scratch blocks only and fresh CCA state (cold start)
+    per call."""
     c = model.cfg
-    kv = KVCache(c.num_hidden_layers, 1, 16, c.num_key_value_heads, c.head_dim, torch.float32, "cpu")
+    kv = KVCache(c.num_hidden_layers, 0, 16, c.num_key_value_heads, c.head_dim, torch.float32, "cpu",
+                 scratch_blocks=batch.meta.scratch_blocks)
     state = model.make_state(batch.num_seqs, torch.float32, "cpu")
     hidden = model(batch.input_ids, batch.positions, batch.meta, kv, state)
     state.pending = [None] * len(state.pending)  # holds graph tensors; training never commits

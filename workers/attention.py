@@ -1,14 +1,19 @@
 """Attention over the paged KV cache for a flat batch of new tokens from many requests.
 
-Every request attends to its cached prefix (gathered from its blocks) plus the new tokens of this
-step under a per-request boolean mask. That one rule covers prefill chunks, AR decode and TiDAR's
-structured verify/proposal layout; only the mask differs. New tokens left out of `write_index`
-(TiDAR proposals) are attended to but never written to the cache.
+Every request attends to its cached prefix plus the new tokens of this step under a per-request boolean
+mask. That one rule covers prefill chunks, AR decode and TiDAR's structured verify/proposal layout; only
+the mask differs. New tokens left out of `write_index` (TiDAR proposals) are attended to but never
+written to the cache.
+
+Keys are read block by block: each layer first copies the step's new K/V into scratch blocks at the end
+of the pool (block-aligned per request), then gathers [past blocks..., scratch blocks...] per request with
+one `index_select` of whole blocks. No per-slot gather and no concatenation: the step copies each past
+block once per layer, and the mask hides the unused slots.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +27,15 @@ class AttentionMetadata:
     write_slots: torch.Tensor  # [W] long: their cache slots
     query_index: torch.Tensor  # [B, Qmax] long: flat token index of each padded query row
     query_valid: torch.Tensor  # [B, Qmax] bool
-    past_slots: torch.Tensor  # [B, Pmax] long: cache slots of each request's cached prefix
-    mask: torch.Tensor  # [B, 1, Qmax, Pmax + Qmax] bool: True = may attend
+    scratch_slots: torch.Tensor  # [T] long: slot of each new token in the scratch blocks
+    key_blocks: torch.Tensor  # [B, Nb] long: past blocks (padded), then the request's scratch blocks
+    mask: torch.Tensor  # [B, 1, Qmax, Nb * block_size] bool: True = may attend
+    scratch_blocks: int  # scratch blocks the step uses (the pool must have at least this many)
     # ZAYA CCA: for each new token, indices of (two tokens back, one token back, itself) in the
     # extended table [zero, (older, newer) state per request..., new tokens...]
     conv_index: torch.Tensor | None = None  # [T, 3] long
     state_slots: torch.Tensor | None = None  # [B] long: CCA state slot of each request
+    shared: dict = field(default_factory=dict)  # values the first layer computes and the others reuse (RoPE)
 
     @property
     def num_requests(self) -> int:
@@ -35,37 +43,48 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """A preallocated pool of fixed-size blocks per layer: [num_blocks * block_size, kv_heads, head_dim]."""
+    """A preallocated pool of fixed-size blocks per layer, [num_blocks + scratch_blocks, block_size, kv_heads,
+    head_dim]: blocks 0..num_blocks-1 belong to the block manager, the rest are the per-step scratch."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+                 dtype: torch.dtype, device: torch.device | str, scratch_blocks: int = 0):
+        shape = (num_blocks + scratch_blocks, block_size, kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_blocks = scratch_blocks
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    @staticmethod
+    def scratch_blocks_for(max_step_tokens: int, max_requests: int, block_size: int) -> int:
+        """Scratch blocks a step of at most `max_step_tokens` new tokens over `max_requests` requests may use."""
+        return -(-max_step_tokens // block_size) + max_requests
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D]
     k: torch.Tensor,  # [T, Hkv, D]
     v: torch.Tensor,  # [T, Hkv, D]
-    k_cache: torch.Tensor,  # [slots, Hkv, D]
-    v_cache: torch.Tensor,  # [slots, Hkv, D]
+    k_cache: torch.Tensor,  # [blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [blocks, block_size, Hkv, D]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, Hq, D]
-    qi, valid = meta.query_index, meta.query_valid
-    qp = q[qi].transpose(1, 2)  # [B, Hq, Qmax, D]
-    keys = torch.cat([k_cache[meta.past_slots], k[qi]], dim=1).transpose(1, 2)  # [B, Hkv, S, D]
-    vals = torch.cat([v_cache[meta.past_slots], v[qi]], dim=1).transpose(1, 2)
+    k_slots, v_slots = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    k_slots[meta.scratch_slots] = k
+    v_slots[meta.scratch_slots] = v
+    b, n = meta.key_blocks.shape
+    blocks = meta.key_blocks.flatten()
+    keys = k_cache.index_select(0, blocks).view(b, n * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)
+    vals = v_cache.index_select(0, blocks).view(b, n * v_cache.shape[1], *v_cache.shape[2:]).transpose(1, 2)
+    qp = q[meta.query_index].transpose(1, 2)  # [B, Hq, Qmax, D]
     out = F.scaled_dot_product_attention(
         qp, keys, vals, attn_mask=meta.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
-    k_cache[meta.write_slots] = k[meta.write_index]
-    v_cache[meta.write_slots] = v[meta.write_index]
-    return out.transpose(1, 2)[valid]  # flat order: requests are contiguous, rows are row-major
+    k_slots[meta.write_slots] = k[meta.write_index]
+    v_slots[meta.write_slots] = v[meta.write_index]
+    return out.transpose(1, 2)[meta.query_valid]  # flat order: requests are contiguous, rows are row-major

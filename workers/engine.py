@@ -70,8 +70,10 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.policy, config.tidar.two_forward)
+        # a two-forward draft pass may exceed the step budget: [anchor, K + 1 masks] per request, K <= 64
+        max_step_tokens = max(config.max_num_batched_tokens, config.max_num_seqs * (64 + 2))
         runner_args = dict(dtype=dtype, device=config.device, block_size=config.block_size, num_blocks=num_blocks,
-                           num_state_slots=config.max_num_seqs)
+                           num_state_slots=config.max_num_seqs, max_step_tokens=max_step_tokens)
         if config.ep_size > 1:
             from workers.worker_group import WorkerGroup
 
@@ -140,11 +142,14 @@ class LLMEngine:
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)
+        # greedy verification needs only each row's argmax: one call for the whole batch
+        best = logits.argmax(dim=-1).tolist() if any(s.samples and s.request.params.greedy for s in batch) else None
         outcomes, row = [], 0
         for s, lay in zip(batch, layouts):
-            rows = logits[row : row + len(lay.logit_rows)]
-            row += len(lay.logit_rows)
-            outcomes.append(tidar.accept(s, rows, self.config.tidar) if s.samples else None)
+            n = len(lay.logit_rows)
+            argmax = best[row : row + n] if best is not None and s.request.params.greedy else None
+            outcomes.append(tidar.accept(s, logits[row : row + n], self.config.tidar, argmax) if s.samples else None)
+            row += n
         self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes)])
 
         outputs, redraft, proposals = [], [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,9 @@ class ModelRunner:
     """Owns the model, its paged KV cache and recurrent state on one device."""
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device, block_size: int, num_blocks: int,
-                 num_state_slots: int, expert_shard: tuple[int, int] | None = None):
+                 num_state_slots: int, max_step_tokens: int, expert_shard: tuple[int, int] | None = None):
         from workers.models import load_model
+        from workers.models.layers import prepare_for_inference
 
         self.model, hf_cfg = load_model(model_dir, dtype, device)
         if expert_shard is not None:
@@ -60,9 +62,11 @@ class ModelRunner:
 
             shard_experts(self.model, *expert_shard)
         self.device = torch.device(device)
+        prepare_for_inference(self.model, input_major=self.device.type == "cpu")  # fused q/k/v, gate/up
         self.block_size = block_size
+        scratch = KVCache.scratch_blocks_for(max_step_tokens, num_state_slots, block_size)
         self.kv = KVCache(hf_cfg.num_hidden_layers, num_blocks, block_size, hf_cfg.num_key_value_heads,
-                          head_dim_of(hf_cfg), dtype, device)
+                          head_dim_of(hf_cfg), dtype, device, scratch_blocks=scratch)
         self.state = self.model.make_state(num_state_slots, dtype, device)
         self._meta: AttentionMetadata | None = None
         head = self.model.markov_head
@@ -77,7 +81,10 @@ class ModelRunner:
         `num_draft_rows`) are the draft head's (`compute_draft_logits`: the draft output layer when the
         checkpoint has one), before the Markov chain, which the engine walks after verification."""
         meta, input_ids, positions, rows = build_inputs(layouts, computed, block_tables, state_slots,
-                                                        self.block_size, self.device)
+                                                        self.block_size, self.device, self.kv.num_blocks)
+        if meta.scratch_blocks > self.kv.scratch_blocks:
+            raise ValueError(f"a step of {len(input_ids)} tokens needs {meta.scratch_blocks} scratch KV blocks; "
+                             f"the runner has {self.kv.scratch_blocks} (raise max_step_tokens)")
         hidden = self.model(input_ids, positions, meta, self.kv, self.state)[rows]
         self._meta = meta
         if self.model.diffusion_output_layer is None or not any(l.num_draft_rows for l in layouts):
@@ -99,81 +106,76 @@ class ModelRunner:
 
 
 def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]], state_slots: list[int],
-                 block_size: int, device) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 block_size: int, device, scratch_base: int = 0
+                 ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten per-request layouts into (metadata, input_ids [T], positions [T], logit row indices [N]).
 
-    The trainer calls this too (no cached prefix, empty block tables), so training and inference
-    share one definition of masks, positions and CCA branches.
+    `scratch_base` is the pool's first scratch block (KVCache.num_blocks). The trainer calls this too (no
+    cached prefix, empty block tables, a pool of scratch blocks only), so training and inference share one
+    definition of masks, positions and CCA branches.
     """
-    dev, bs = torch.device(device), block_size
-    b = len(layouts)
+    dev, bs, b = torch.device(device), block_size, len(layouts)
     q_lens = [len(l.token_ids) for l in layouts]
-    q_max, p_max = max(q_lens), max(max(computed), 1)
-    offsets = [0]
-    for q in q_lens:
-        offsets.append(offsets[-1] + q)
-    total = offsets[-1]
+    offsets = list(itertools.accumulate(q_lens, initial=0))
+    q_max, total = max(q_lens), offsets[-1]
 
-    input_ids = torch.tensor([t for l in layouts for t in l.token_ids], device=dev)
-    positions = torch.tensor([p for l in layouts for p in l.positions], device=dev)
+    def longs(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=dev)
+
+    input_ids = longs([t for l in layouts for t in l.token_ids])
+    positions = longs([p for l in layouts for p in l.positions])
+    q_len_t, start_t = longs(q_lens), longs(offsets[:-1])
     ar = torch.arange(q_max, device=dev)
-    q_len_t = torch.tensor(q_lens, device=dev)
-    query_valid = ar[None, :] < q_len_t[:, None]
-    query_index = torch.where(query_valid, torch.tensor(offsets[:-1], device=dev)[:, None] + ar, 0)
+    query_valid = ar[None, :] < q_len_t[:, None]  # [B, Qmax]
+    query_index = torch.where(query_valid, start_t[:, None] + ar, 0)
+    req_of = torch.repeat_interleave(torch.arange(b, device=dev), q_len_t)  # [T]
 
-    n_blocks = max(len(t) for t in block_tables)
-    table = torch.zeros(b, max(n_blocks, 1), dtype=torch.long, device=dev)
-    for i, t in enumerate(block_tables):
-        table[i, : len(t)] = torch.tensor(t, dtype=torch.long, device=dev)
+    # keys: each request's past blocks (padded with block 0), then its own block-aligned scratch blocks
+    past_n = [-(-c // bs) for c in computed]
+    scratch_n = [-(-q // bs) for q in q_lens]
+    scratch_at = list(itertools.accumulate(scratch_n, initial=scratch_base))
+    p_blocks, s_blocks = max(past_n), max(scratch_n)
+    key_blocks = longs([t[:n] + [0] * (p_blocks - n) + list(range(s, s + m)) + [s] * (s_blocks - m)
+                        for t, n, s, m in zip(block_tables, past_n, scratch_at, scratch_n)])
+    scratch_slots = (longs(scratch_at[:-1]) * bs - start_t)[req_of] + torch.arange(total, device=dev)
 
-    def slots_of(pos: torch.Tensor, req: torch.Tensor) -> torch.Tensor:
-        return table[req, pos // bs] * bs + pos % bs
-
-    past_pos = torch.arange(p_max, device=dev)
-    computed_t = torch.tensor(computed, device=dev)
-    past_valid = past_pos[None, :] < computed_t[:, None]  # [B, Pmax]
-    req_ids = torch.arange(b, device=dev)[:, None]
-    past_slots = torch.where(past_valid, slots_of(past_pos[None, :].expand(b, -1), req_ids), 0)
-
-    new_mask = torch.zeros(b, q_max, q_max, dtype=torch.bool, device=dev)
+    cols = torch.arange(s_blocks * bs, device=dev)
+    new_mask = (cols[None, None, :] <= ar[None, :, None]) & query_valid[:, :, None]  # causal [B, Qmax, S]
     for i, l in enumerate(layouts):
-        q = q_lens[i]
-        new_mask[i, :q, :q] = l.mask if l.mask is not None else torch.ones(q, q, dtype=torch.bool, device=dev).tril()
-        new_mask[i, q:, q:] = torch.eye(q_max - q, dtype=torch.bool, device=dev)  # padding rows see themselves
-    mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1) & query_valid[:, :, None], new_mask], dim=2)
+        if l.mask is not None:
+            new_mask[i, : q_lens[i], : q_lens[i]] = l.mask.to(dev)
+    past_valid = torch.arange(p_blocks * bs, device=dev)[None, :] < longs(computed)[:, None]  # [B, P]
+    mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1), new_mask], dim=2)
+    mask[~query_valid] = True  # padding rows attend to everything: finite, and their output is dropped
 
-    write_index, write_req = [], []
-    for i, l in enumerate(layouts):
-        write_index.extend(range(offsets[i], offsets[i] + l.num_write))
-        write_req.extend([i] * l.num_write)
-    write_index_t = torch.tensor(write_index, dtype=torch.long, device=dev)
-    write_slots = slots_of(positions[write_index_t], torch.tensor(write_req, dtype=torch.long, device=dev))
+    table = longs([t + [0] * (max(map(len, block_tables), default=0) - len(t)) for t in block_tables])
+    write_index = longs([offsets[i] + j for i, l in enumerate(layouts) for j in range(l.num_write)])
+    write_pos, write_req = positions[write_index], req_of[write_index]
+    write_slots = table[write_req, write_pos // bs] * bs + write_pos % bs
 
     # ZAYA conv windows: ext table = [zero, (older, newer) state of each request, new tokens]
     base = 1 + 2 * b
-    conv = []
-    for i, l in enumerate(layouts):
-        cold = computed[i] == 0
-        newer, older = (0, 0) if cold else (1 + 2 * i + 1, 1 + 2 * i)
+    cold = longs(computed) == 0
+    older = torch.where(cold, 0, 1 + 2 * torch.arange(b, device=dev))[req_of]  # [T]
+    newer = torch.where(cold, 0, 2 + 2 * torch.arange(b, device=dev))[req_of]
+    parent = longs([p for l in layouts for p in l.parent])  # [T] local, -1 = the last committed token
+    start = start_t[req_of]
+    grand = parent[start + parent.clamp_min(0)]
+    one_back = torch.where(parent >= 0, base + start + parent, newer)
+    two_back = torch.where(parent >= 0, torch.where(grand >= 0, base + start + grand, newer), older)
+    conv_index = torch.stack([two_back, one_back, base + torch.arange(total, device=dev)], dim=1)
 
-        def ext(j: int) -> int:
-            return base + offsets[i] + j if j >= 0 else newer
-
-        for j, p in enumerate(l.parent):
-            grand = l.parent[p] if p >= 0 else None
-            conv.append((ext(grand) if grand is not None else older, ext(p), base + offsets[i] + j))
-    conv_index = torch.tensor(conv, dtype=torch.long, device=dev).view(total, 3)
-
-    rows = torch.tensor([offsets[i] + r for i, l in enumerate(layouts) for r in l.logit_rows],
-                        dtype=torch.long, device=dev)
+    rows = longs([offsets[i] + r for i, l in enumerate(layouts) for r in l.logit_rows])
     meta = AttentionMetadata(
-        write_index=write_index_t,
+        write_index=write_index,
         write_slots=write_slots,
         query_index=query_index,
         query_valid=query_valid,
-        past_slots=past_slots,
+        scratch_slots=scratch_slots,
+        key_blocks=key_blocks,
         mask=mask[:, None],
+        scratch_blocks=scratch_at[-1] - scratch_base,
         conv_index=conv_index,
-        state_slots=torch.tensor(state_slots, dtype=torch.long, device=dev),
+        state_slots=longs(state_slots),
     )
     return meta, input_ids, positions, rows
