@@ -7,7 +7,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata, KVCache, paged_attention
 from workers.models.draft_heads import DraftHeads
-from workers.models.layers import RMSNorm, Rotary, SwiGLU, rope_settings
+from workers.models.layers import LinearGroup, RMSNorm, Rotary, SwiGLU, rope_settings
 
 
 def check_full_attention(cfg) -> None:
@@ -27,6 +27,7 @@ class Qwen3Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.hkv * self.d, bias=bias)
         self.v_proj = nn.Linear(h, self.hkv * self.d, bias=bias)
         self.o_proj = nn.Linear(self.hq * self.d, h, bias=bias)
+        self.qkv = LinearGroup(self.q_proj, self.k_proj, self.v_proj)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         theta, partial = rope_settings(cfg)
@@ -35,10 +36,11 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x, positions, meta: AttentionMetadata, kv: KVCache):
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.hq, self.d))
-        k = self.k_norm(self.k_proj(x).view(t, self.hkv, self.d))
-        v = self.v_proj(x).view(t, self.hkv, self.d)
-        q, k = self.rotary(positions, q, k)
+        q, k, v = self.qkv(x)
+        q = self.q_norm(q.view(t, self.hq, self.d))
+        k = self.k_norm(k.view(t, self.hkv, self.d))
+        v = v.view(t, self.hkv, self.d)
+        q, k = self.rotary(positions, q, k, meta.shared)
         out = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta, self.scale)
         return self.o_proj(out.flatten(1))
 

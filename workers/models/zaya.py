@@ -11,7 +11,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata, KVCache, paged_attention
 from workers.models.draft_heads import DraftHeads
-from workers.models.layers import Experts, RMSNorm, Rotary, rope_settings
+from workers.models.layers import Experts, LinearGroup, RMSNorm, Rotary, rope_settings
 
 
 class CCAState:
@@ -51,6 +51,7 @@ class ZayaCCAProjection(nn.Module):
         self.k_proj = nn.Linear(h, self.hkv * d, bias=bias)
         self.v_proj_current = nn.Linear(h, self.hkv * d // 2, bias=bias)
         self.v_proj_delayed = nn.Linear(h, self.hkv * d // 2, bias=bias)
+        self.projections = LinearGroup(self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed)
         c = (self.hq + self.hkv) * d
         self.conv_qk_depthwise = nn.Conv1d(c, c, kernel_size=2, groups=c)
         self.conv_qk_grouped = nn.Conv1d(c, c, kernel_size=2, groups=self.hq + self.hkv)
@@ -72,16 +73,16 @@ class ZayaCCAProjection(nn.Module):
         yg = y.view(t, 2, g, ci).permute(2, 0, 1, 3).reshape(g, t, 2 * ci)  # [G, T, (k, i)]
         return torch.baddbmm(gw.bias.view(g, 1, ci), yg, w).transpose(0, 1).reshape(t, c)
 
-    def qk_residual(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (qk [T, C]: the [q; k] projections, the conv's input; q_res [T, Hq, D] and
-        k_res [T, Hkv, D]: the residual added beside the conv)."""
-        t = x.shape[0]
-        q, k = self.q_proj(x), self.k_proj(x)
-        groups = self.hq // self.hkv
-        q_res = (q.view(t, self.hq, self.d) + k.view(t, self.hkv, 1, self.d).expand(-1, -1, groups, -1)
+    def project(self, x: torch.Tensor):
+        """x: [T, H] -> (qk [T, C]: the [q; k] projections, the conv's input; q_res [T, Hq, D] and k_res
+        [T, Hkv, D]: the residual added beside the conv; current and delayed [T, Hkv * D / 2]: the value
+        projections). All four projections run as one matmul."""
+        t, groups = x.shape[0], self.hq // self.hkv
+        q, k, current, delayed = self.projections(x)
+        q_res = (q.view(t, self.hq, self.d) + k.reshape(t, self.hkv, 1, self.d).expand(-1, -1, groups, -1)
                  .reshape(t, self.hq, self.d)) * 0.5
         k_res = q_res.view(t, self.hkv, groups, self.d).mean(dim=2)
-        return torch.cat([q, k], dim=-1), q_res, k_res
+        return torch.cat([q, k], dim=-1), q_res, k_res, current, delayed
 
     def qk_conv(
         self,
@@ -102,24 +103,25 @@ class ZayaCCAProjection(nn.Module):
 
     def values(
         self,
-        x: torch.Tensor,  # [T, H]
+        current: torch.Tensor,  # [T, Hkv * D / 2] this token's value projection
+        delayed: torch.Tensor,  # [T, Hkv * D / 2] its delayed projection (the next token's other half)
         v_rows: torch.Tensor,  # [R, Hkv * D / 2] each request's last delayed value
         one_back: torch.Tensor,  # [T] long: each token's one-back row in v_ext (conv_index[:, 1])
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Values: half from this token, half (delayed projection) from the token one back. Returns
         v [T, Hkv, D] and v_ext [1 + 2R + T, Hkv * D / 2], laid out as qk_ext (a state row stands twice)."""
-        delayed = self.v_proj_delayed(x)  # [T, D*Hkv/2]
-        cold = self.v_proj_delayed(x.new_zeros(1, x.shape[1]))
+        bias = self.v_proj_delayed.bias  # a cold start's one-back token is all zeros: its projection is the bias
+        cold = bias[None].to(delayed.dtype) if bias is not None else delayed.new_zeros(1, delayed.shape[1])
         v_ext = torch.cat([cold, v_rows.repeat_interleave(2, dim=0), delayed])
-        v = torch.cat([self.v_proj_current(x), v_ext[one_back]], dim=-1).view(x.shape[0], self.hkv, self.d)
+        v = torch.cat([current, v_ext[one_back]], dim=-1).view(current.shape[0], self.hkv, self.d)
         return v, v_ext
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, state: CCAState, layer: int):
         # x: [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]
         slots = meta.state_slots
-        qk, q_res, k_res = self.qk_residual(x)
+        qk, q_res, k_res, current, delayed = self.project(x)
         q, k, qk_ext = self.qk_conv(qk, state.conv[layer][slots], meta.conv_index, q_res, k_res)
-        v, v_ext = self.values(x, state.v[layer][slots], meta.conv_index[:, 1])
+        v, v_ext = self.values(current, delayed, state.v[layer][slots], meta.conv_index[:, 1])
         state.pending[layer] = (qk_ext, v_ext)
         return q, k, v
 
@@ -155,7 +157,7 @@ class ZayaAttention(nn.Module):
     def forward(self, x, positions, meta: AttentionMetadata, kv: KVCache, state: CCAState):
         q, k, v = self.qkv_proj(x, meta, state, self.layer)
         q, k = self.qk_norm(q, k)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(positions, q, k, meta.shared)
         out = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta, self.scale)
         return self.o_proj(out.flatten(1))
 

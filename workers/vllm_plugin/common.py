@@ -15,6 +15,7 @@ from torch import nn
 
 from workers.loader import weight_shapes
 from workers.models import load_weights as load_model_weights
+from workers.models.layers import prepare_for_inference
 from workers.models.draft_heads import DraftHeads
 
 
@@ -69,5 +70,8 @@ class TidalVllmModel(DraftHeads, nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """HF names -> our parameters (the native loader's rules); returns what was loaded, as vLLM wants.
-        vLLM's own buffers (attention scales) are not in the checkpoint, so only parameters must be."""
-        return load_model_weights(self, weights, error=ValueError, buffers_required=False)
+        vLLM's own buffers (attention scales) are not in the checkpoint, so only parameters must be.
+        Then the fused q/k/v and gate/up weights are built once, as the native runner does."""
+        loaded = load_model_weights(self, weights, error=ValueError, buffers_required=False)
+        prepare_for_inference(self, input_major=False)  # vLLM lays out its own weights
+        return loaded

@@ -236,7 +236,7 @@ class VllmZayaAttention(ZayaAttention):
         arithmetic; only where the state rows come from and go to differs)."""
         p = self.qkv_proj
         t = x.shape[0]
-        qk, q_res, k_res = p.qk_residual(x)  # [T, C], [T, Hq, D], [T, Hkv, D]
+        qk, q_res, k_res, current, delayed = p.project(x)  # [T, C], [T, Hq, D], [T, Hkv, D], 2 x [T, Hkv D / 2]
 
         meta = self.cca_state.metadata()
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -255,7 +255,7 @@ class VllmZayaAttention(ZayaAttention):
         parents = step.parents[:t] if step is not None else causal_parents(starts, lens, t)
         conv_index = conv_index_for(starts, lens, init, parents)
         q, k, qk_ext = p.qk_conv(qk, conv_rows, conv_index, q_res, k_res)
-        v, v_ext = p.values(x, v_rows, conv_index[:, 1])
+        v, v_ext = p.values(current, delayed, v_rows, conv_index[:, 1])
 
         keep = (w_slot >= 0) & (w_tok >= 0) & (w_tok < t)
         if r and bool(keep.any()):  # the state after each written token: (its one-back and itself, its delayed v)
