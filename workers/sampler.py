@@ -63,8 +63,12 @@ def verify(
     generator: torch.Generator | None,
     draft_temperature: float = 0.0,
     mix_weight: float = 1.0,
+    argmax: list[int] | None = None,
 ) -> tuple[int, int]:
     """Accept a prefix of the drafts; return (n accepted, the token sampled after them).
+
+    `argmax`: the argmax of each row of ar_logits when the caller computed it for the whole batch at once
+    (greedy, unmixed rows only).
 
     Lossless at mix_weight 1: greedy keeps drafts equal to the AR argmax; at T > 0 a point-mass draft is
     kept with probability p(d) (else resample from p without d), a sampled draft with min(1, p/q) (else
@@ -75,7 +79,7 @@ def verify(
     if mix_weight < 1.0 and k:
         z = torch.cat([mix_weight * z[:k] + (1 - mix_weight) * draft_logits.float(), z[k:]])
     if params.greedy:
-        best = z.argmax(dim=-1).tolist()
+        best = argmax if argmax is not None and (mix_weight == 1.0 or not k) else z.argmax(dim=-1).tolist()
         n = next((i for i, d in enumerate(drafts) if d != best[i]), k)
         return n, best[n]
     p = target_probs(z, params)

@@ -65,13 +65,14 @@ class Outcome:
     proposal: DraftInput | None = None  # the kept slots of that level's block, for `set_drafts`
 
 
-def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig) -> Outcome:
-    """logits: this request's rows of the forward: [k + 1 verify rows, then len(levels) * block_len]."""
+def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[int] | None = None) -> Outcome:
+    """logits: this request's rows of the forward: [k + 1 verify rows, then len(levels) * block_len];
+    argmax: their argmax, when the engine took it for the whole batch at once (greedy requests)."""
     req, k = s.request, s.num_drafts
     drafts = req.drafts[:k]
     d_logits = req.draft_logits[:k] if req.draft_logits is not None else None
     n, token = verify(logits[: k + 1], drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
-                      cfg.mix_weight if cfg.sampler == "mix" else 1.0)
+                      cfg.mix_weight if cfg.sampler == "mix" else 1.0, argmax[: k + 1] if argmax else None)
     level, proposal = None, None
     req.drafts, req.draft_logits = [], None
     if s.levels:
