@@ -253,6 +253,19 @@ def test_greedy_tidar_equals_transformers_generate(ckpts, family, k, levels, two
     assert_all_free(engine)
 
 
+def test_seeded_sampled_request_is_the_same_alone_and_in_a_greedy_batch(ckpts):
+    """Verification runs batched (one argmax for the greedy requests, the sampled ones per request): a seeded
+    T > 0 request must draw exactly the same tokens whether it runs alone or beside greedy requests."""
+    ck = ckpts["zaya"]
+    sampled = SamplingParams(max_tokens=20, temperature=1.0, seed=11)
+    alone = engine_for(ck, tidar=static(4, (0, 2))).generate([prompt_of(7, 5)], sampled)[0]
+    batch = engine_for(ck, tidar=static(4, (0, 2))).generate(
+        [prompt_of(9, 1), prompt_of(7, 5), prompt_of(4, 2)],
+        [SamplingParams(max_tokens=20), sampled, SamplingParams(max_tokens=20)])
+    assert batch[1].output_token_ids == alone.output_token_ids
+    assert batch[0].output_token_ids == ck.greedy(prompt_of(9, 1), 20)
+
+
 @pytest.mark.parametrize("family,two_forward", [("zaya", False), ("zaya", True), ("qwen3_moe", False)])
 def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     """A 64-token KV pool for four requests that each need ~30: requests are preempted (blocks and CCA

@@ -81,10 +81,22 @@ def paged_attention(
     blocks = meta.key_blocks.flatten()
     keys = k_cache.index_select(0, blocks).view(b, n * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)
     vals = v_cache.index_select(0, blocks).view(b, n * v_cache.shape[1], *v_cache.shape[2:]).transpose(1, 2)
-    qp = q[meta.query_index].transpose(1, 2)  # [B, Hq, Qmax, D]
-    out = F.scaled_dot_product_attention(
-        qp, keys, vals, attn_mask=meta.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    # grouped-query attention as plain attention: the G query heads sharing a KV head become G query rows
+    hkv, g, d = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
+    q_max = meta.query_index.shape[1]
+    qp = q[meta.query_index].view(b, q_max, hkv, g, d).transpose(1, 2).reshape(b, hkv, q_max * g, d)
+    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=additive_mask(meta, g, q.dtype), scale=scale)
     k_slots[meta.write_slots] = k[meta.write_index]
     v_slots[meta.write_slots] = v[meta.write_index]
-    return out.transpose(1, 2)[meta.query_valid]  # flat order: requests are contiguous, rows are row-major
+    out = out.view(b, hkv, q_max, g, d).transpose(1, 2).reshape(b, q_max, hkv * g, d)
+    return out[meta.query_valid]  # flat order: requests are contiguous, rows are row-major
+
+
+def additive_mask(meta: AttentionMetadata, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """meta.mask as 0 / -inf in `dtype`, each query row repeated for the `group` heads that share a KV head:
+    [B, 1, Qmax * group, S]. Built by the first layer, reused by the others."""
+    key = ("mask", group, dtype)
+    if key not in meta.shared:
+        rows = meta.mask.repeat_interleave(group, dim=2) if group > 1 else meta.mask
+        meta.shared[key] = torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(~rows, float("-inf"))
+    return meta.shared[key]

@@ -142,13 +142,12 @@ class LLMEngine:
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)
-        # greedy verification needs only each row's argmax: one call for the whole batch
-        best = logits.argmax(dim=-1).tolist() if any(s.samples and s.request.params.greedy for s in batch) else None
+        best = self._greedy_argmax(batch, layouts, logits)
         outcomes, row = [], 0
         for s, lay in zip(batch, layouts):
             n = len(lay.logit_rows)
-            argmax = best[row : row + n] if best is not None and s.request.params.greedy else None
-            outcomes.append(tidar.accept(s, logits[row : row + n], self.config.tidar, argmax) if s.samples else None)
+            outcomes.append(tidar.accept(s, logits[row : row + n], self.config.tidar, best.get(s.request.request_id))
+                            if s.samples else None)
             row += n
         self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes)])
 
@@ -174,6 +173,22 @@ class LLMEngine:
         if redraft:
             self._draft_pass(redraft)
         return outputs
+
+    @staticmethod
+    def _greedy_argmax(batch: list[Scheduled], layouts: list[StepLayout], logits: torch.Tensor) -> dict[str, list[int]]:
+        """Greedy verification needs only the argmax of each verify row: one call for the whole batch.
+        Returns request id -> argmax of its verify rows (greedy requests only)."""
+        rows, spans, row = [], {}, 0
+        for s, lay in zip(batch, layouts):
+            verify = len(lay.logit_rows) - lay.num_draft_rows
+            if s.samples and s.request.params.greedy:
+                spans[s.request.request_id] = (len(rows), len(rows) + verify)
+                rows.extend(range(row, row + verify))
+            row += len(lay.logit_rows)
+        if not rows:
+            return {}
+        best = logits[torch.tensor(rows, device=logits.device)].argmax(dim=-1).tolist()
+        return {rid: best[a:b] for rid, (a, b) in spans.items()}
 
     def _known(self, s: Scheduled) -> list[int]:
         start = s.request.num_computed_tokens

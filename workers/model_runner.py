@@ -85,15 +85,21 @@ class ModelRunner:
         if meta.scratch_blocks > self.kv.scratch_blocks:
             raise ValueError(f"a step of {len(input_ids)} tokens needs {meta.scratch_blocks} scratch KV blocks; "
                              f"the runner has {self.kv.scratch_blocks} (raise max_step_tokens)")
-        hidden = self.model(input_ids, positions, meta, self.kv, self.state)[rows]
+        hidden = self.model(input_ids, positions, meta, self.kv, self.state)  # [T, H]
         self._meta = meta
         if self.model.diffusion_output_layer is None or not any(l.num_draft_rows for l in layouts):
-            return self.model.compute_logits(hidden)
-        is_draft = torch.tensor([i >= len(l.logit_rows) - l.num_draft_rows for l in layouts
-                                 for i in range(len(l.logit_rows))], device=self.device)
-        logits = torch.empty(len(hidden), self.model.cfg.vocab_size, device=self.device)
-        logits[~is_draft] = self.model.compute_logits(hidden[~is_draft])
-        logits[is_draft] = self.model.compute_draft_logits(hidden[is_draft])
+            return self.model.compute_logits(hidden[rows])
+        heads: tuple[list[int], list[int]] = ([], [])  # (LM-head rows, draft-head rows), as indices into `rows`
+        at = 0
+        for l in layouts:
+            verify = len(l.logit_rows) - l.num_draft_rows
+            heads[0].extend(range(at, at + verify))
+            heads[1].extend(range(at + verify, at + len(l.logit_rows)))
+            at += len(l.logit_rows)
+        lm, draft = (torch.tensor(h, dtype=torch.long, device=self.device) for h in heads)
+        logits = torch.empty(len(rows), self.model.cfg.vocab_size, device=self.device)
+        logits[lm] = self.model.compute_logits(hidden[rows[lm]])
+        logits[draft] = self.model.compute_draft_logits(hidden[rows[draft]])
         return logits
 
     def commit(self, last_kept: list[int]) -> None:
