@@ -19,6 +19,7 @@ from opentelemetry import trace
 
 from router import telemetry
 from router.errors import Draining, Overloaded
+from router.events import StreamEvent
 from router.stats import StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig, SamplingParams
@@ -38,9 +39,10 @@ class EngineReplica:
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
         self._report_task = None
 
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """request: prompt (str | list[int]), sampling (dict), request_id. Yields events: the tokens of one
-        or more decode steps (`steps`: each step's accept statistics), the first and the last at once."""
+    async def generate(self, request: dict) -> AsyncIterator[StreamEvent]:
+        """request: prompt (str | list[int]), sampling (dict), request_id. Yields the tokens of one or more
+        decode steps per event (each step's accept statistics kept), the first and the last at once; the
+        request's totals ride on the last event only."""
         self._ensure_reporter()
         if self.draining:
             raise Draining("this replica is draining; retry on another")
@@ -81,27 +83,26 @@ class EngineReplica:
                     tracer.start_span(name, context=parent, start_time=telemetry.ns(start)).end(telemetry.ns(end))
         if out.step is not None:
             s = out.step
-            accepted = s["accepted"]
             span.add_event("decode_step", {
-                "tidal.drafts_offered": s["drafted"], "tidal.drafts_accepted": accepted,
-                "tidal.acceptance_by_position": [int(i < accepted) for i in range(s["drafted"])],
-                "tidal.proposal_level": -1 if s["level"] is None else s["level"],
-                "tidal.tokens_committed": s["committed"], "tidal.batch_size": s["batch_size"]})
+                "tidal.drafts_offered": s.drafted, "tidal.drafts_accepted": s.accepted,
+                "tidal.acceptance_by_position": [int(i < s.accepted) for i in range(s.drafted)],
+                "tidal.proposal_level": -1 if s.level is None else s.level,
+                "tidal.tokens_committed": s.committed, "tidal.batch_size": s.batch_size})
 
     @staticmethod
-    def _event(out, pending: dict | None) -> dict:
+    def _event(out, pending: StreamEvent | None) -> StreamEvent:
         """The event for `out`, carrying the tokens and steps of the `pending` one not yet sent."""
-        earlier_ids, earlier_steps = (pending["token_ids"], pending["steps"]) if pending else ([], [])
-        return {"request_id": out.request_id, "token_ids": earlier_ids + out.new_token_ids, "finished": out.finished,
-                "finish_reason": out.finish_reason, "steps": earlier_steps + ([out.step] if out.step else []),
-                "stats": out.stats, "error": out.error, "prompt_tokens": len(out.prompt_token_ids)}
+        event = StreamEvent(out.request_id, list(out.new_token_ids), len(out.prompt_token_ids),
+                            [out.step] if out.step else [], out.finished, out.finish_reason,
+                            out.stats if out.finished else None, out.error)
+        return pending.merged_into(event) if pending is not None else event
 
     def _account(self, out) -> None:
         t = self.totals
         t["finished"] += out.finished
-        if out.step and out.step["drafted"]:
-            t["drafted"] += out.step["drafted"]
-            t["accepted"] += out.step["accepted"]
+        if out.step and out.step.drafted:
+            t["drafted"] += out.step.drafted
+            t["accepted"] += out.step.accepted
             t["verify_steps"] += 1
 
     def stats(self) -> dict:

@@ -25,9 +25,11 @@ from router import openai_api as oa
 from router import telemetry
 from router.config import ServeConfig
 from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
+from router.events import StreamEvent
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
 from workers.loader import load_tokenizer
+from workers.request import StepRecord
 
 http_app = FastAPI(title="Tidal")
 
@@ -113,7 +115,7 @@ class Ingress:
         SamplingParams.make(**sampling)  # fail fast, before a replica is involved
         return {"prompt": list(prompt), "sampling": sampling, "request_id": request_id or None}
 
-    async def _events(self, request: dict, carrier: dict[str, str], operation: str) -> AsyncIterator[dict]:
+    async def _events(self, request: dict, carrier: dict[str, str], operation: str) -> AsyncIterator[StreamEvent]:
         """Stream one request from a replica inside its trace span, feeding the metrics as steps arrive."""
         span = telemetry.tracer().start_span(f"{operation} {self.config.model_name}", kind=SpanKind.SERVER,
                                              context=telemetry.extract(carrier))
@@ -126,23 +128,23 @@ class Ingress:
         upstream = self.engine.options(stream=True).generate.remote(request)
         try:
             async for event in upstream:
-                if event["error"]:
-                    raise EngineFailure(event["error"])
+                if event.error:
+                    raise EngineFailure(event.error)
                 now = time.monotonic()
-                if event["token_ids"] and last == start:
+                if event.token_ids and last == start:
                     self.metrics.ttft.labels(self.config.model_name).observe(now - start)
-                for step in event["steps"]:
+                for step in event.steps:
                     self.metrics.step(step)
-                if event["token_ids"] and last != start:
-                    self.metrics.itl.labels(self.config.model_name).observe((now - last) / len(event["token_ids"]))
+                if event.token_ids and last != start:
+                    self.metrics.itl.labels(self.config.model_name).observe((now - last) / len(event.token_ids))
                 last = now
-                if event["finished"]:
-                    outcome = event["finish_reason"]
+                if event.finished:
+                    outcome = event.finish_reason
                     if span.is_recording():
-                        span.set_attributes({"gen_ai.response.id": event["request_id"],
+                        span.set_attributes({"gen_ai.response.id": event.request_id,
                                              "gen_ai.response.finish_reasons": [outcome],
-                                             "gen_ai.usage.input_tokens": event["prompt_tokens"],
-                                             "gen_ai.usage.output_tokens": event["stats"]["generated_tokens"]})
+                                             "gen_ai.usage.input_tokens": event.prompt_tokens,
+                                             "gen_ai.usage.output_tokens": event.stats["generated_tokens"]})
                 yield event
         except Exception as e:
             outcome = "error" if status_of(e)[1] >= 500 else None  # refusals are counted by _rejected
@@ -194,24 +196,26 @@ class Ingress:
         grpc_context.set_details(message_of(err))
 
     @staticmethod
-    def _accept_stats(stats: dict, steps: list[dict] | None = None) -> pb.AcceptStats:
-        """The request's totals, or (steps) those of the decode steps one stream message carries: drafts
-        summed, the last step's level and batch size."""
-        if steps:
-            out = pb.AcceptStats(drafted=sum(s["drafted"] for s in steps), accepted=sum(s["accepted"] for s in steps))
-            if steps[-1]["level"] is not None:
-                out.level = steps[-1]["level"]
-            if steps[-1].get("batch_size") is not None:
-                out.batch_size = steps[-1]["batch_size"]
-            return out
+    def _step_stats(steps: list[StepRecord]) -> pb.AcceptStats:
+        """Decode steps as one AcceptStats: drafts summed, the last step's level and batch size (one step:
+        exactly that step)."""
+        out = pb.AcceptStats(drafted=sum(s.drafted for s in steps), accepted=sum(s.accepted for s in steps),
+                             batch_size=steps[-1].batch_size)
+        if steps[-1].level is not None:
+            out.level = steps[-1].level
+        return out
+
+    @staticmethod
+    def _accept_stats(stats: dict) -> pb.AcceptStats:
+        """The request's totals."""
         return pb.AcceptStats(forwards=stats["forwards"], drafted=stats.get("drafted", 0),
                               accepted=stats.get("accepted", 0),
                               mean_acceptance_length=stats.get("mean_acceptance_length", 1.0),
                               acceptance_by_position=stats.get("acceptance_by_position", []))
 
     def _usage(self, event: dict) -> pb.Usage:
-        return pb.Usage(prompt_tokens=event["prompt_tokens"], completion_tokens=event["stats"]["generated_tokens"],
-                        speculative=self._accept_stats(event["stats"]))
+        return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.stats["generated_tokens"],
+                        speculative=self._accept_stats(event.stats))
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
@@ -219,11 +223,11 @@ class Ingress:
             text = Detokenizer(self.tokenizer if request.return_text else None)
             ids, parts, last = [], [], None
             async for event in self._grpc_events(req, grpc_context):
-                ids += event["token_ids"]
-                parts.append(text.add(event["token_ids"], event["finished"]))
+                ids += event.token_ids
+                parts.append(text.add(event.token_ids, event.finished))
                 last = event
-            return pb.GenerateResponse(request_id=last["request_id"], token_ids=ids, text="".join(parts),
-                                       finish_reason=last["finish_reason"], usage=self._usage(last))
+            return pb.GenerateResponse(request_id=last.request_id, token_ids=ids, text="".join(parts),
+                                       finish_reason=last.finish_reason, usage=self._usage(last))
         except Exception as e:
             self._fail(grpc_context, e)
             return pb.GenerateResponse()
@@ -233,12 +237,13 @@ class Ingress:
             req = self._grpc_request(request, grpc_context)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             async for event in self._grpc_events(req, grpc_context):
-                msg = pb.GenerateStreamResponse(request_id=event["request_id"], token_ids=event["token_ids"],
-                                                text=text.add(event["token_ids"], event["finished"]))
-                if event["steps"]:
-                    msg.step.CopyFrom(self._accept_stats(event["stats"], event["steps"]))
-                if event["finished"]:
-                    msg.finish_reason = event["finish_reason"]
+                msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
+                                                text=text.add(event.token_ids, event.finished))
+                if event.steps:
+                    msg.step.CopyFrom(self._step_stats(event.steps))
+                    msg.steps.extend(self._step_stats([s]) for s in event.steps)
+                if event.finished:
+                    msg.finish_reason = event.finish_reason
                     msg.usage.CopyFrom(self._usage(event))
                 yield msg
         except Exception as e:
@@ -340,32 +345,32 @@ class Ingress:
         if body.stream:
             return StreamingResponse(self._sse(events, first, rid, model, chat), media_type="text/event-stream")
         text = Detokenizer(self.tokenizer)
-        parts, last = [text.add(first["token_ids"], first["finished"])], first
+        parts, last = [text.add(first.token_ids, first.finished)], first
         try:
             async for event in events:
-                parts.append(text.add(event["token_ids"], event["finished"]))
+                parts.append(text.add(event.token_ids, event.finished))
                 last = event
         except Exception as e:
             return self._http_error(e)
         make = oa.chat_body if chat else oa.completion_body
-        return make(rid, model, "".join(parts), last["finish_reason"], last["prompt_tokens"],
-                    last["stats"]["generated_tokens"], last["stats"])
+        return make(rid, model, "".join(parts), last.finish_reason, last.prompt_tokens,
+                    last.stats["generated_tokens"], last.stats)
 
-    async def _sse(self, events, first: dict, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
         text = Detokenizer(self.tokenizer)
         event, opening = first, True
         try:
             while True:
-                delta = text.add(event["token_ids"], event["finished"])
-                finish = event["finish_reason"] if event["finished"] else None
+                delta = text.add(event.token_ids, event.finished)
+                finish = event.finish_reason if event.finished else None
                 chunk = (oa.chat_chunk(rid, model, delta, finish, opening) if chat
                          else oa.completion_chunk(rid, model, delta, finish))
-                if event["finished"]:
-                    chunk["usage"] = oa.usage(event["prompt_tokens"], event["stats"]["generated_tokens"])
-                    chunk["tidal"] = oa.speculative(event["stats"])
+                if event.finished:
+                    chunk["usage"] = oa.usage(event.prompt_tokens, event.stats["generated_tokens"])
+                    chunk["tidal"] = oa.speculative(event.stats)
                 opening = False
                 yield f"data: {json.dumps(chunk)}\n\n"
-                if event["finished"]:
+                if event.finished:
                     break
                 event = await anext(events)
         except Exception as e:

@@ -16,6 +16,8 @@ import os
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from workers.request import StepRecord
+
 OTEL_PREFIX = "OTEL_"
 _tracing_ready = False
 
@@ -104,17 +106,17 @@ class Metrics:
                               registry=r)
         self.replicas = Gauge("tidal:engine_replicas", "Live engine replicas", labels, registry=r)
 
-    def step(self, step: dict) -> None:
+    def step(self, step: StepRecord) -> None:
         """One decode step of one request: drafts offered and accepted (by position), tokens committed."""
         m = self.model
-        if step["drafted"]:
+        if step.drafted:
             self.num_drafts.labels(m).inc()
-            self.num_draft_tokens.labels(m).inc(step["drafted"])
-            self.num_accepted_tokens.labels(m).inc(step["accepted"])
-            for pos in range(step["accepted"]):
+            self.num_draft_tokens.labels(m).inc(step.drafted)
+            self.num_accepted_tokens.labels(m).inc(step.accepted)
+            for pos in range(step.accepted):
                 self.accepted_per_pos.labels(m, str(pos)).inc()
-        if step["committed"]:
-            self.tokens_per_forward.labels(m).observe(step["committed"])
+        if step.committed:
+            self.tokens_per_forward.labels(m).observe(step.committed)
 
     def load(self, summary: dict) -> None:
         m = self.model

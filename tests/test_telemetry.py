@@ -53,6 +53,7 @@ from proto import tidal_pb2_grpc as pbg
 from router import telemetry
 from router.engine_replica import EngineReplica
 from workers.config import EngineConfig
+from workers.request import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = [("application", "tidal")]
@@ -167,9 +168,9 @@ def test_replica_without_tracing(replica, monkeypatch):
     remote_parent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     for carrier in (remote_parent, None):
         events = run(replica, tiny_request(carrier))
-        assert sum(len(e["token_ids"]) for e in events) == TINY_TOKENS
-        assert events[-1]["finished"] and events[-1]["finish_reason"] == "length"
-        assert all(e["steps"] for e in events)
+        assert sum(len(e.token_ids) for e in events) == TINY_TOKENS
+        assert events[-1].finished and events[-1].finish_reason == "length"
+        assert all(e.steps for e in events)
     assert built == [], "span data was built with tracing off"
     assert not telemetry.tracer().start_span("x").is_recording()
     assert EXPORTER.get_finished_spans() == ()
@@ -193,10 +194,14 @@ def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny
             r.async_engine.shutdown()
     each, coalesced = streams[0.0], streams[60_000.0]
     assert len(each) > 2 and len(coalesced) == 2
-    assert coalesced[0]["token_ids"] == each[0]["token_ids"]  # the first tokens are not held back
-    assert [t for e in coalesced for t in e["token_ids"]] == [t for e in each for t in e["token_ids"]]
-    assert [s for e in coalesced for s in e["steps"]] == [s for e in each for s in e["steps"]]
-    assert coalesced[-1]["finished"] and coalesced[-1]["stats"] == each[-1]["stats"]
+    assert coalesced[0].token_ids == each[0].token_ids  # the first tokens are not held back
+    assert [t for e in coalesced for t in e.token_ids] == [t for e in each for t in e.token_ids]
+    assert [s for e in coalesced for s in e.steps] == [s for e in each for s in e.steps]
+    assert coalesced[-1].finished and coalesced[-1].stats == each[-1].stats
+    # the request's totals travel once, on the last event; every decode step is a typed record
+    assert all(e.stats is None for e in each[:-1] + coalesced[:-1])
+    assert all(isinstance(s, StepRecord) for e in coalesced for s in e.steps)
+    assert sum(len(e.steps) for e in coalesced) == each[-1].stats["forwards"]
 
 
 def test_replica_span_tree(replica):
@@ -207,8 +212,8 @@ def test_replica_span_tree(replica):
         carrier = telemetry.inject_from(parent)
         assert carrier["traceparent"].startswith("00-")
         events = run(replica, tiny_request(carrier))
-    stats = events[-1]["stats"]
-    generated = sum(len(e["token_ids"]) for e in events)
+    stats = events[-1].stats
+    generated = sum(len(e.token_ids) for e in events)
     assert generated == stats["generated_tokens"] == TINY_TOKENS
     assert stats["drafted"] > 0 and stats["accepted"] > 0, f"no draft was accepted; the test proves little: {stats}"
 
@@ -232,7 +237,7 @@ def test_replica_span_tree(replica):
     assert len(steps) == len(engine.events) == len(events) == stats["forwards"]  # one per engine step
     step_attrs = [dict(e.attributes) for e in steps]
     check_decode_steps(step_attrs, generated, stats)
-    assert [a["tidal.tokens_committed"] for a in step_attrs] == [len(e["token_ids"]) for e in events]
+    assert [a["tidal.tokens_committed"] for a in step_attrs] == [len(e.token_ids) for e in events]
     assert all(a["tidal.batch_size"] == 1 for a in step_attrs)
     assert {a["tidal.proposal_level"] for a in step_attrs} <= set(TIDAR["levels"]) | {-1}
     assert all(steps[i].timestamp <= steps[i + 1].timestamp for i in range(len(steps) - 1))
@@ -505,7 +510,7 @@ HTTP_SCRIPT = textwrap.dedent("""
                    "trace": {"traceparent": sys.argv[2]}}
         return [ev async for ev in r.generate(request)]
     events = asyncio.run(go())
-    print(sum(len(e["token_ids"]) for e in events), len(events))
+    print(sum(len(e.token_ids) for e in events), len(events))
     provider.shutdown()  # flushes the batch processor
     r.async_engine.shutdown()
 """)

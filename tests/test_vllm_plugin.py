@@ -140,7 +140,7 @@ def test_staggered_arrivals_and_router_surface(ckpts, engines):
             ids.append(e.add_request(prompts[len(ids)], _greedy(8)))
         for out in e.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
-            assert out.step["drafted"] == 0 and out.step["committed"] == len(out.new_token_ids)
+            assert out.step.drafted == 0 and out.step.committed == len(out.new_token_ids)
             assert 0.0 <= e.kv_usage() <= 1.0
         steps += 1
     assert [outputs[i] for i in ids] == [ckpt.greedy(p, 8) for p in prompts]

@@ -20,7 +20,7 @@ from workers.draft_chain import DraftInput
 from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
-from workers.request import Request, RequestOutput, Status, generate_all, prompt_token_ids
+from workers.request import Request, RequestOutput, Status, StepRecord, generate_all, prompt_token_ids
 from workers import tidar
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
@@ -126,7 +126,7 @@ class LLMEngine:
         try:
             outputs = self._run(batch)
             if self.policy is not None:  # the whole step's cost: drafting adds work outside the forward too
-                verifies = [(o.step["drafted"], o.step["accepted"]) for o in outputs if o.step]
+                verifies = [(o.step.drafted, o.step.accepted) for o in outputs if o.step]
                 self.policy.observe(self._step_slots, time.perf_counter() - start, verifies)
             return outputs
         except RunnerFailure as e:
@@ -160,8 +160,7 @@ class LLMEngine:
             req.num_computed_tokens += o.last_kept + 1
             self.blocks.trim(req, req.num_computed_tokens)  # KV rollback of the rejected drafts
             out = self._append(req, o.tokens)
-            out.step = {"drafted": o.drafted, "accepted": o.accepted, "level": o.level,
-                        "committed": len(out.new_token_ids), "batch_size": len(batch)}
+            out.step = StepRecord(o.drafted, o.accepted, o.level, len(out.new_token_ids), len(batch))
             outputs.append(out)
             if req.finished:
                 continue

@@ -131,6 +131,17 @@ class Request:
         return self.status is Status.FINISHED
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One decode step of one request, as metrics and traces see it."""
+
+    drafted: int  # drafts offered for verification (0: AR or a first step)
+    accepted: int  # drafts accepted
+    level: int | None  # proposal level chosen for the next drafts (None: no proposals)
+    committed: int  # tokens emitted: the accepted drafts and the AR token, cut at a stop condition
+    batch_size: int  # requests the engine ran together in this step
+
+
 @dataclass
 class RequestOutput:
     """What one engine step produced for one request: the delta, and the totals when finished."""
@@ -143,5 +154,5 @@ class RequestOutput:
     output_token_ids: list[int]
     stats: dict
     error: str | None = None
-    step: dict | None = None  # this step: drafted, accepted, level, committed (tokens emitted), batch_size
+    step: StepRecord | None = None  # this decode step's drafts and acceptance (None: a prefill chunk)
     times: dict | None = None  # arrival, first_scheduled, first_token (unix seconds); for traces

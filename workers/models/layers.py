@@ -76,38 +76,48 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """RoPE on the first `rotary_dim` channels of each head (all of them unless partial)."""
+    """RoPE on the first `rotary_dim` channels of each head (all of them unless partial).
+
+    Written as x * cos + x[..., perm] * sin with per-step tables padded to the head dim (cos 1, sin 0 on
+    the channels RoPE leaves alone, the rotate-half sign folded into sin): four ops per tensor, the same
+    products and sums as the rotate-half form, so the same rounding."""
 
     def __init__(self, head_dim: int, theta: float, partial_factor: float = 1.0):
         super().__init__()
+        self.head_dim = head_dim
         self.rotary_dim = int(head_dim * partial_factor)
         self.theta = theta
-        # a plain attribute, not a buffer: it must stay fp32 when the model moves to bf16
+        # plain attributes, not buffers: inv_freq must stay fp32 when the model moves to bf16
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device="cpu") / self.rotary_dim))
+        half, r = self.rotary_dim // 2, self.rotary_dim
+        cpu = dict(device="cpu")  # models are built on the meta device; this table is not a weight
+        self.perm = torch.cat([torch.arange(half, r, **cpu), torch.arange(half, **cpu), torch.arange(r, head_dim, **cpu)])
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, shared: dict | None = None):
-        # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]. `shared`: the step's per-layer cache (cos/sin once)
+        # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]. `shared`: the step's per-layer cache (tables once)
         key = ("rotary", self.rotary_dim, self.theta, q.dtype)
         if shared is not None and key in shared:
             cos, sin = shared[key]
         else:
-            cos, sin = self.cos_sin(positions, q.dtype)
+            cos, sin = self.tables(positions, q.dtype)
             if shared is not None:
                 shared[key] = cos, sin
+        if self.perm.device != q.device:
+            self.perm = self.perm.to(q.device)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and signed sin, padded with 1 and 0 past rotary_dim."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[:, None].float() * self.inv_freq  # [T, rotary_dim / 2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        rest = self.head_dim - self.rotary_dim
+        cos = torch.cat([freqs.cos(), freqs.cos(), freqs.new_ones(len(freqs), rest)], dim=-1)
+        sin = torch.cat([-freqs.sin(), freqs.sin(), freqs.new_zeros(len(freqs), rest)], dim=-1)
+        return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        half = self.rotary_dim // 2
-        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+        return x * cos + x.index_select(-1, self.perm) * sin
 
 
 def rope_settings(cfg, layer_type: str | None = None) -> tuple[float, float]:

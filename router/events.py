@@ -1,0 +1,27 @@
+"""What crosses the Ray hop from an engine replica to the ingress: typed stream events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.request import StepRecord
+
+
+@dataclass
+class StreamEvent:
+    """The tokens of one or more decode steps of one request (coalesced by the replica's stream interval)."""
+
+    request_id: str
+    token_ids: list[int]  # tokens committed since the previous event, in order
+    prompt_tokens: int  # length of the prompt in tokens
+    steps: list[StepRecord] = field(default_factory=list)  # every decode step these tokens came from, in order
+    finished: bool = False  # the last event of the request
+    finish_reason: str | None = None  # stop | length | abort | error, on the last event
+    stats: dict | None = None  # the request's totals (RequestStats.as_dict), on the last event only
+    error: str | None = None  # the engine's failure message (finish_reason "error")
+
+    def merged_into(self, later: "StreamEvent") -> "StreamEvent":
+        """This event's tokens and steps ahead of `later`'s: one message for both."""
+        later.token_ids = self.token_ids + later.token_ids
+        later.steps = self.steps + later.steps
+        return later
