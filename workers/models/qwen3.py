@@ -41,7 +41,7 @@ class Qwen3Attention(nn.Module):
         k = self.k_norm(k.view(t, self.hkv, self.d))
         v = v.view(t, self.hkv, self.d)
         q, k = self.rotary(positions, q, k, meta.shared)
-        out = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta, self.scale)
+        out = paged_attention(q, k, v, kv, self.layer, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 

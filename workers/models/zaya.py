@@ -158,7 +158,7 @@ class ZayaAttention(nn.Module):
         q, k, v = self.qkv_proj(x, meta, state, self.layer)
         q, k = self.qk_norm(q, k)
         q, k = self.rotary(positions, q, k, meta.shared)
-        out = paged_attention(q, k, v, kv.k[self.layer], kv.v[self.layer], meta, self.scale)
+        out = paged_attention(q, k, v, kv, self.layer, meta, self.scale)
         return self.o_proj(out.flatten(1))
 
 
