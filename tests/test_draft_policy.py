@@ -77,6 +77,25 @@ def test_growing_batch_lowers_levels_then_k_then_ar():
     assert costs[0] > 1 and costs[-1] == 1  # full drafting alone, plain AR when compute bound
 
 
+def test_cheap_prefill_tokens_do_not_make_drafting_look_cheap():
+    """A decode slot returns logits and a prefill token does not, so they cost differently; the policy fits
+    both and decides by the decode cost: drafting at batch 1, where it pays, AR at batch 32, where it does
+    not. (One line through prefill and decode steps would underrate a slot and keep drafting at 32.)"""
+    cost = lambda rows, other: 0.010 + 0.0005 * rows + 0.00002 * other  # noqa: E731
+    policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
+    for i in range(300):
+        if i % 3 == 0:  # a prefill chunk (its last row returns logits) beside the batch's decode rows
+            policy.observe(256 + 32, cost(33, 255), [], logit_rows=33)
+        else:
+            rows = 32 * (1 + (i % 5))
+            policy.observe(rows, cost(rows, 0), [(4, 1)] * 32, logit_rows=rows)
+    for batch, slots_per_request in ((1, 5), (32, 1), (32, 5)):
+        true = cost(batch * slots_per_request, 0)
+        assert abs(policy.step_time(batch * slots_per_request) - true) < 0.02 * true
+    assert policy.choose(1) is not None
+    assert policy.choose(32) is None
+
+
 def test_static_schedule_follows_batch_limits_and_budget():
     rules = (DraftRule(max_batch=2, block_size=8, levels=(0, 4, 8)), DraftRule(max_batch=8, block_size=4, levels=(0,)))
     sched = StaticSchedule(rules, budget=64)

@@ -184,6 +184,9 @@ def test_grpc_generate_matches_offline(server, offline, prompt, n):
     assert [t for m in msgs for t in m.token_ids] == ref.output_token_ids
     assert {m.request_id for m in msgs} == {req.request_id}
     assert all(m.HasField("step") and m.step.batch_size == 1 for m in msgs)
+    # the per-step records: one per decode step (AR: one token each), the aggregate their sum
+    assert sum(len(m.steps) for m in msgs) == n
+    assert all(sum(s.drafted for s in m.steps) == m.step.drafted and m.steps[-1].batch_size == 1 for m in msgs)
     for m in msgs[:-1]:
         assert not m.finish_reason and not m.HasField("usage")
     last = msgs[-1]

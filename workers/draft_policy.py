@@ -2,8 +2,10 @@
 
 A TiDAR step with k drafts commits E(k) = 1 + sum_i prod_{j<=i} a_j tokens per request, where a_j is
 the measured rate at which draft j is accepted given drafts 1..j-1 were; k itself depends on the
-levels (see expected_drafts). It costs t(slots), the
-measured step time for that many token slots (a least-squares line over recent steps). The adaptive
+levels (see expected_drafts). It costs t(slots), the measured step time for that many token slots: a
+least-squares fit over recent steps of t = c0 + c1 * logit rows + c2 * other slots, because a decode slot
+(every TiDAR slot returns logits) costs more than a prefill token (whose logits nobody reads); fitting
+one line through both let cheap prefill tokens make drafting look cheap at large batches. The adaptive
 policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
 AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
 teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
@@ -53,7 +55,8 @@ class StaticSchedule:
                 return rule
         return None
 
-    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]]) -> None:
+    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]],
+                logit_rows: int | None = None) -> None:
         pass
 
 
@@ -67,19 +70,20 @@ class AdaptivePolicy:
         self.candidates = ladder(cfg.block_size, cfg.levels)
         self.accept = [0.5] * cfg.block_size  # a prior worth one trial per position
         self.tried = [0] * cfg.block_size
-        # decayed least-squares sums for t = c0 + c1 * slots
-        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        # decayed sums of x x^T and x t for x = (1, logit rows, other slots): the step-time fit
+        self.sums = [[0.0] * 4 for _ in range(3)]
         self.explore_every, self.since_tidar, self.exploring = 16, 0, False
         self.probe_left = 0  # steps the current probe still drafts
 
     def step_time(self, num_slots: int) -> float:
-        """Fitted seconds for a step of `num_slots` slots; before two distinct sizes were seen, time ~ slots."""
-        var = self.n * self.sxx - self.sx * self.sx
-        if self.n < 2 or var <= 1e-9 * max(self.sxx, 1.0) * self.n:
-            return num_slots * (self.sy / self.sx if self.sx else 1.0)
-        c1 = max((self.n * self.sxy - self.sx * self.sy) / var, 0.0)
-        c0 = max((self.sy - c1 * self.sx) / self.n, 0.0)
-        return c0 + c1 * num_slots
+        """Fitted seconds for a decode step of `num_slots` slots, all of them logit rows. Fits with all three
+        terms when the steps seen allow it, else (1, rows); before two distinct sizes, time ~ rows."""
+        for features in ((0, 1, 2), (0, 1)):
+            c = solve(self.sums, features)
+            if c is not None and min(c) >= 0.0:
+                return c[0] + c[1] * num_slots
+        rows, t = self.sums[0][1], self.sums[0][3]
+        return num_slots * (t / rows if rows else 1.0)
 
     def expected_tokens(self, k: float) -> float:
         """1 + sum_{i <= k} prod_{j <= i} a_j; a fractional k takes that share of the next term."""
@@ -131,11 +135,15 @@ class AdaptivePolicy:
         self.since_tidar = 0
         return DraftRule(max_batch=NEVER, block_size=best["block_size"], levels=tuple(best["levels"]))
 
-    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]]) -> None:
-        """One finished step: its token slots, its forward time, and (offered, accepted) per request."""
-        d = self.DECAY
-        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + num_slots, d * self.sy + seconds
-        self.sxx, self.sxy = d * self.sxx + num_slots * num_slots, d * self.sxy + num_slots * seconds
+    def observe(self, num_slots: int, seconds: float, verifies: list[tuple[int, int]],
+                logit_rows: int | None = None) -> None:
+        """One finished step: its token slots, its time, (offered, accepted) per request, and how many of
+        the slots returned logits (default: all, as in a decode step)."""
+        rows = num_slots if logit_rows is None else logit_rows
+        x = (1.0, float(rows), float(num_slots - rows), seconds)
+        for i in range(3):
+            for j in range(4):
+                self.sums[i][j] = self.DECAY * self.sums[i][j] + x[i] * x[j]
         for offered, accepted in verifies:
             for i in range(min(offered, accepted + 1)):  # position i was tried only if all before it passed
                 self.tried[i] += 1
@@ -148,6 +156,24 @@ class AdaptivePolicy:
             lost = max(rows, key=lambda r: r["tokens_per_time"])["block_size"] == 0
             useless = not any(accepted for _, accepted in verifies)  # back off only while drafts fail outright
             self.explore_every = min(self.explore_every * 2, 1024) if lost and useless else 16
+
+
+def solve(sums: list[list[float]], features: tuple[int, ...]) -> list[float] | None:
+    """Least squares from decayed normal-equation sums, on a subset of the features: Gaussian elimination
+    with partial pivoting; None when the steps seen do not determine the fit (e.g. no prefill yet)."""
+    a = [[sums[i][j] for j in features] + [sums[i][3]] for i in features]
+    n = len(features)
+    scale = max(abs(a[i][i]) for i in range(n)) or 1.0
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) <= 1e-9 * scale:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] for i in range(n)]
 
 
 def make_policy(cfg) -> StaticSchedule | AdaptivePolicy:

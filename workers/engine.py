@@ -127,7 +127,7 @@ class LLMEngine:
             outputs = self._run(batch)
             if self.policy is not None:  # the whole step's cost: drafting adds work outside the forward too
                 verifies = [(o.step.drafted, o.step.accepted) for o in outputs if o.step]
-                self.policy.observe(self._step_slots, time.perf_counter() - start, verifies)
+                self.policy.observe(self._step_slots, time.perf_counter() - start, verifies, self._step_rows)
             return outputs
         except RunnerFailure as e:
             failed = list(self.scheduler.running)
@@ -138,7 +138,7 @@ class LLMEngine:
                                   r.stats.as_dict(), error=str(e)) for r in failed]
 
     def _run(self, batch: list[Scheduled]) -> list[RequestOutput]:
-        self._step_slots = 0
+        self._step_slots = self._step_rows = 0
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
         logits = self._forward(batch, layouts)
@@ -198,6 +198,7 @@ class LLMEngine:
         logits = self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
                                      [r.state_slot for r in reqs])
         self._step_slots += sum(len(lay.token_ids) for lay in layouts)
+        self._step_rows += sum(len(lay.logit_rows) for lay in layouts)
         return logits
 
     def _draft_pass(self, batch: list[Scheduled]) -> None:
