@@ -79,6 +79,20 @@ def test_weights_load_as_transformers_holds_them(ckpt):
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_fused_projections_hold_each_weight_once(ckpt):
+    """The load-time fused q/k/v and gate/up weights are the only copy: each named weight is a view into its
+    group's fused tensor, so fusing costs no memory (values: the test above)."""
+    from workers.models.layers import LinearGroup
+
+    model = make_engine(ckpt).runner.model
+    groups = [v for m in model.modules() for v in vars(m).values() if isinstance(v, LinearGroup)]
+    assert groups
+    for group in groups:
+        fused = group.frozen[0]
+        for layer in group.layers:
+            assert layer.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
 def test_prefill_whole_prompt_matches_transformers(ckpt):
     """(a) one forward over the whole prompt; logits of every row."""
     engine = make_engine(ckpt)

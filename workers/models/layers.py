@@ -28,10 +28,15 @@ class LinearGroup:
         return torch.cat([layer.weight for layer in self.layers]), bias
 
     def freeze(self, input_major: bool = False) -> None:
+        """Build the fused weight once; the layers' own weights become views of it, so each is held once."""
         self.frozen = None
-        weight, bias = self.weights()
-        weight = weight.detach()
-        self.frozen = (as_input_major(weight) if input_major else weight), (bias.detach() if bias is not None else None)
+        weight, bias = (t.detach() if t is not None else None for t in self.weights())
+        weight = as_input_major(weight) if input_major else weight
+        for i, (layer, w) in enumerate(zip(self.layers, weight.split(self.sizes))):
+            layer.weight.data = w
+            if bias is not None:
+                layer.bias.data = bias.split(self.sizes)[i]
+        self.frozen = weight, bias
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # [T, H] -> one [T, out_i] per layer
         weight, bias = self.weights()
@@ -48,14 +53,17 @@ def prepare_for_inference(model: nn.Module, input_major: bool) -> None:
     """Once after loading: build every LinearGroup's fused weight and, with `input_major` (on CPU), store
     linear and expert weights input-major. Names, shapes and values stay; a weight shared with the embedding
     (tied head) keeps its layout, which the embedding's row lookups need."""
-    embedding = model.model.embed_tokens.weight if input_major else None
+    grouped: set[int] = set()  # layers whose weights are now views of a group's fused weight
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, LinearGroup):
                 value.freeze(input_major)
-        if not input_major:
-            continue
-        if isinstance(module, nn.Linear) and module.weight is not embedding:
+                grouped.update(id(layer) for layer in value.layers)
+    if not input_major:
+        return
+    embedding = model.model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight is not embedding and id(module) not in grouped:
             module.weight.data = as_input_major(module.weight.data)
         elif isinstance(module, Experts):
             module.gate_up_proj.data = as_input_major(module.gate_up_proj.data)
@@ -112,8 +120,9 @@ class Rotary(nn.Module):
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[:, None].float() * self.inv_freq  # [T, rotary_dim / 2]
         rest = self.head_dim - self.rotary_dim
-        cos = torch.cat([freqs.cos(), freqs.cos(), freqs.new_ones(len(freqs), rest)], dim=-1)
-        sin = torch.cat([-freqs.sin(), freqs.sin(), freqs.new_zeros(len(freqs), rest)], dim=-1)
+        c, s = freqs.cos(), freqs.sin()
+        cos = torch.cat([c, c, freqs.new_ones(len(freqs), rest)], dim=-1)
+        sin = torch.cat([-s, s, freqs.new_zeros(len(freqs), rest)], dim=-1)
         return cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
