@@ -72,18 +72,23 @@ class AdaptivePolicy:
         self.tried = [0] * cfg.block_size
         # decayed sums of x x^T and x t for x = (1, logit rows, other slots): the step-time fit
         self.sums = [[0.0] * 4 for _ in range(3)]
+        self._fit: tuple[float, float] | None = None  # (c0, seconds per decode slot), solved once per step
         self.explore_every, self.since_tidar, self.exploring = 16, 0, False
         self.probe_left = 0  # steps the current probe still drafts
 
     def step_time(self, num_slots: int) -> float:
         """Fitted seconds for a decode step of `num_slots` slots, all of them logit rows. Fits with all three
         terms when the steps seen allow it, else (1, rows); before two distinct sizes, time ~ rows."""
-        for features in ((0, 1, 2), (0, 1)):
-            c = solve(self.sums, features)
-            if c is not None and min(c) >= 0.0:
-                return c[0] + c[1] * num_slots
-        rows, t = self.sums[0][1], self.sums[0][3]
-        return num_slots * (t / rows if rows else 1.0)
+        if self._fit is None:
+            rows, t = self.sums[0][1], self.sums[0][3]
+            self._fit = (0.0, t / rows if rows else 1.0)
+            for features in ((0, 1, 2), (0, 1)):
+                c = solve(self.sums, features)
+                if c is not None and min(c) >= 0.0:
+                    self._fit = (c[0], c[1])
+                    break
+        c0, per_slot = self._fit
+        return c0 + per_slot * num_slots
 
     def expected_tokens(self, k: float) -> float:
         """1 + sum_{i <= k} prod_{j <= i} a_j; a fractional k takes that share of the next term."""
@@ -144,6 +149,7 @@ class AdaptivePolicy:
         for i in range(3):
             for j in range(4):
                 self.sums[i][j] = self.DECAY * self.sums[i][j] + x[i] * x[j]
+        self._fit = None
         for offered, accepted in verifies:
             for i in range(min(offered, accepted + 1)):  # position i was tried only if all before it passed
                 self.tried[i] += 1
