@@ -236,3 +236,18 @@ def test_training_block_sees_what_a_proposal_sees_at_inference():
             # is clean token s - 1
             assert inf.parent[v] == a + p and inf.positions[a + p] == s - 1
             assert tr.parent[n + s] == s - 1
+
+
+def test_attention_groups_keep_decode_rows_off_a_prefill_chunks_padding():
+    """plan_groups: a step of decodes is one padded batch; a long prefill chunk among them is attended on its
+    own, so 31 one-token queries are not padded to its 256 rows; every request is in exactly one group, in
+    step order; a 2-request step of equal shapes never splits."""
+    from workers.attention import plan_groups
+
+    decode = [1] * 31
+    assert plan_groups(decode, [320] * 31) == [list(range(31))]
+    q_lens = decode[:10] + [256] + decode[10:]
+    groups = plan_groups(q_lens, [320] * 10 + [256] + [320] * 21)
+    assert [10] in groups and sorted(r for g in groups for r in g) == list(range(32))
+    assert all(g == sorted(g) for g in groups)
+    assert plan_groups([17, 17], [64, 64]) == [[0, 1]]

@@ -25,11 +25,13 @@ def make_engine(ckpt, **kw) -> LLMEngine:
     return LLMEngine(EngineConfig(model=ckpt.path, block_size=BLOCK, **kw))
 
 
-def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]]) -> list[torch.Tensor]:
+def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]],
+          groups: list[int] | None = None) -> list[torch.Tensor]:
     """Feed each sequence's tokens in the given chunks; return the logits of every fed row, per sequence.
 
     seqs[i] = {"tokens": [...], "blocks": [...], "slot": s}; steps[k] = {seq index: tokens fed this step}.
     Every step is one `runner.forward` over all sequences that take part in it, then `runner.commit`.
+    `groups`, when given, receives each step's number of attention groups.
     """
     done = [0] * len(seqs)
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]
@@ -45,6 +47,8 @@ def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]]) -> l
         logits = engine.runner.forward(layouts, [done[i] for i in order], [seqs[i]["blocks"] for i in order],
                                        [seqs[i]["slot"] for i in order])
         engine.runner.commit([len(l.token_ids) - 1 for l in layouts])
+        if groups is not None:
+            groups.append(len(engine.runner._meta.groups))
         assert logits.dtype == torch.float32
         assert logits.shape == (sum(step.values()), engine.vocab_size)
         at = 0
@@ -132,6 +136,27 @@ def test_token_by_token_decode_matches_transformers(ckpt):
     ours_a, ours_b = drive(engine, seqs, steps)
     assert_logits_match(ours_a, ckpt.logits(a))
     assert_logits_match(ours_b, ckpt.logits(b))
+
+
+def test_mixed_steps_in_several_attention_groups_match_transformers(ckpt, monkeypatch):
+    """(d) prefill chunks of different lengths beside decodes, attended as separate padded groups (the
+    group overhead set to 0 so even these small steps split): every row still equals transformers."""
+    import workers.attention
+
+    monkeypatch.setattr(workers.attention, "GROUP_OVERHEAD_CELLS", 0)
+    engine = make_engine(ckpt)
+    a, b, c = ckpt.prompt(20, seed=7), ckpt.prompt(26, seed=8), ckpt.prompt(9, seed=9)
+    seqs = [
+        {"tokens": a, "blocks": [4, 9, 1, 12, 6], "slot": 1},
+        {"tokens": b, "blocks": [0, 7, 3, 11, 2, 14, 13], "slot": 4},
+        {"tokens": c, "blocks": [8, 5, 10], "slot": 2},
+    ]
+    steps = [{0: 2, 2: 5}, {0: 1, 1: 17, 2: 3}, {0: 1, 1: 1, 2: 1}, {0: 16, 1: 8}]
+    groups: list[int] = []
+    ours = drive(engine, seqs, steps, groups)
+    assert max(groups) >= 3, groups
+    for tokens, logits in zip((a, b, c), ours):
+        assert_logits_match(logits, ckpt.logits(tokens))
 
 
 def test_single_token_prompt_matches_transformers(ckpt):

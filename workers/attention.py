@@ -9,6 +9,10 @@ Keys are read block by block: each layer first copies the step's new K/V into sc
 of the pool (block-aligned per request), then gathers [past blocks..., scratch blocks...] per request with
 one `index_select` of whole blocks. No per-slot gather and no concatenation: the step copies each past
 block once per layer, and the mask hides the unused slots.
+
+Requests are attended in groups, each a padded batch of its own (`plan_groups`): one padded batch pads
+every request to the longest query and key of the step, so a single 256-token prefill chunk made 31 decode
+rows cost 256 query rows each; served traffic mixes a prefill into nearly every step.
 """
 
 from __future__ import annotations
@@ -19,17 +23,32 @@ import torch
 import torch.nn.functional as F
 
 
+# Fixed per-layer work of one more attention group (index_select, gathers, SDPA, copies), in attention
+# cells (query rows x key columns) of padded work it must save to pay for itself.
+GROUP_OVERHEAD_CELLS = 4096
+
+
+@dataclass
+class AttentionGroup:
+    """Requests attended together as one padded batch; built once per step, used by every layer."""
+
+    query_index: torch.Tensor  # [Bg, Qmax] long: flat token index of each padded query row
+    query_valid: torch.Tensor  # [Bg, Qmax] bool
+    key_blocks: torch.Tensor  # [Bg, Nb] long: past blocks (padded), then the request's scratch blocks
+    mask: torch.Tensor  # [Bg, 1, Qmax, Nb * block_size] bool: True = may attend
+    additive: dict = field(default_factory=dict)  # (heads per KV head, dtype) -> the mask as 0 / -inf rows
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step layout of the flat token batch; built once by the model runner, shared by all layers."""
 
     write_index: torch.Tensor  # [W] long: flat indices of the new tokens whose K/V enter the cache
     write_slots: torch.Tensor  # [W] long: their cache slots
-    query_index: torch.Tensor  # [B, Qmax] long: flat token index of each padded query row
-    query_valid: torch.Tensor  # [B, Qmax] bool
+    starts: torch.Tensor  # [B] long: flat index of each request's first new token
+    groups: list[AttentionGroup]  # a partition of the requests (plan_groups)
+    order: torch.Tensor | None  # [T] long: row of flat token t in the groups' concatenated outputs (None: one group)
     scratch_slots: torch.Tensor  # [T] long: slot of each new token in the scratch blocks
-    key_blocks: torch.Tensor  # [B, Nb] long: past blocks (padded), then the request's scratch blocks
-    mask: torch.Tensor  # [B, 1, Qmax, Nb * block_size] bool: True = may attend
     scratch_blocks: int  # scratch blocks the step uses (the pool must have at least this many)
     # ZAYA CCA: for each new token, indices of (two tokens back, one token back, itself) in the
     # extended table [zero, (older, newer) state per request..., new tokens...]
@@ -39,7 +58,36 @@ class AttentionMetadata:
 
     @property
     def num_requests(self) -> int:
-        return self.query_index.shape[0]
+        return self.starts.shape[0]
+
+
+def plan_groups(q_lens: list[int], key_lens: list[int]) -> list[list[int]]:
+    """Partition requests (by index) into attention groups that minimise padded work: a group costs
+    members x longest query x longest key, plus GROUP_OVERHEAD_CELLS. Requests are bucketed by query
+    length (powers of two) and adjacent buckets merged by dynamic programming, so a step of decodes alone is
+    one group and a prefill chunk gets a group of its own. Each group lists its requests in step order."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(q_lens)), key=q_lens.__getitem__):
+        if buckets and q_lens[buckets[-1][0]].bit_length() == q_lens[i].bit_length():
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    if len(buckets) == 1:
+        return [list(range(len(q_lens)))]
+    longest_key = [max(key_lens[i] for i in b) for b in buckets]
+    best, cut = [0.0] + [float("inf")] * len(buckets), [0] * (len(buckets) + 1)  # over buckets[:j]
+    for j in range(1, len(buckets) + 1):
+        q_max, members, s_max = q_lens[buckets[j - 1][-1]], 0, 0
+        for i in range(j - 1, -1, -1):  # last group = buckets[i:j]
+            members, s_max = members + len(buckets[i]), max(s_max, longest_key[i])
+            cost = best[i] + members * q_max * s_max + GROUP_OVERHEAD_CELLS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(buckets)
+    while j:
+        groups.append(sorted(r for b in buckets[cut[j]:j] for r in b))
+        j = cut[j]
+    return groups[::-1]
 
 
 class KVCache:
@@ -88,32 +136,38 @@ def paged_attention(
     k_slots, v_slots = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
     k_slots[meta.scratch_slots] = k
     v_slots[meta.scratch_slots] = v
-    b, n = meta.key_blocks.shape
-    blocks = meta.key_blocks.flatten()
-    if torch.is_grad_enabled() and k.requires_grad:  # training: out= buffers would cut the autograd graph
+    outs = [_attend_group(q, k_cache, v_cache, kv, g, scale) for g in meta.groups]
+    k_slots[meta.write_slots] = k[meta.write_index]
+    v_slots[meta.write_slots] = v[meta.write_index]
+    return outs[0] if meta.order is None else torch.cat(outs).index_select(0, meta.order)
+
+
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv: KVCache, g: AttentionGroup,
+                  scale: float) -> torch.Tensor:  # [Tg, Hq, D]: the group's tokens, request after request
+    b, n = g.key_blocks.shape
+    blocks = g.key_blocks.flatten()
+    if torch.is_grad_enabled() and q.requires_grad:  # training: out= buffers would cut the autograd graph
         keys, vals = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
-    else:
+    else:  # groups run one after another, so they share the read buffers
         keys, vals = kv.read_buffers(len(blocks))
         torch.index_select(k_cache, 0, blocks, out=keys)
         torch.index_select(v_cache, 0, blocks, out=vals)
-    keys = keys.view(b, n * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)  # [B, Hkv, S, D]
+    keys = keys.view(b, n * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)  # [Bg, Hkv, S, D]
     vals = vals.view(b, n * v_cache.shape[1], *v_cache.shape[2:]).transpose(1, 2)
     # grouped-query attention as plain attention: the G query heads sharing a KV head become G query rows
-    hkv, g, d = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
-    q_max = meta.query_index.shape[1]
-    qp = q[meta.query_index].view(b, q_max, hkv, g, d).transpose(1, 2).reshape(b, hkv, q_max * g, d)
-    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=additive_mask(meta, g, q.dtype), scale=scale)
-    k_slots[meta.write_slots] = k[meta.write_index]
-    v_slots[meta.write_slots] = v[meta.write_index]
-    out = out.view(b, hkv, q_max, g, d).transpose(1, 2).reshape(b, q_max, hkv * g, d)
-    return out[meta.query_valid]  # flat order: requests are contiguous, rows are row-major
+    hkv, heads, d = k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2]
+    q_max = g.query_index.shape[1]
+    qp = q[g.query_index].view(b, q_max, hkv, heads, d).transpose(1, 2).reshape(b, hkv, q_max * heads, d)
+    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=additive_mask(g, heads, q.dtype), scale=scale)
+    out = out.view(b, hkv, q_max, heads, d).transpose(1, 2).reshape(b, q_max, hkv * heads, d)
+    return out[g.query_valid]  # rows are row-major, so each request's tokens stay in order
 
 
-def additive_mask(meta: AttentionMetadata, group: int, dtype: torch.dtype) -> torch.Tensor:
-    """meta.mask as 0 / -inf in `dtype`, each query row repeated for the `group` heads that share a KV head:
-    [B, 1, Qmax * group, S]. Built by the first layer, reused by the others."""
-    key = ("mask", group, dtype)
-    if key not in meta.shared:
-        rows = meta.mask.repeat_interleave(group, dim=2) if group > 1 else meta.mask
-        meta.shared[key] = torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(~rows, float("-inf"))
-    return meta.shared[key]
+def additive_mask(g: AttentionGroup, heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """g.mask as 0 / -inf in `dtype`, each query row repeated for the `heads` that share a KV head:
+    [Bg, 1, Qmax * heads, S]. Built by the first layer, reused by the others."""
+    key = (heads, dtype)
+    if key not in g.additive:
+        rows = g.mask.repeat_interleave(heads, dim=2) if heads > 1 else g.mask
+        g.additive[key] = torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(~rows, float("-inf"))
+    return g.additive[key]

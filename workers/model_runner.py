@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attention import AttentionMetadata, KVCache
+from workers.attention import AttentionGroup, AttentionMetadata, KVCache, plan_groups
 from workers.draft_chain import DraftChain
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -107,8 +107,7 @@ class ModelRunner:
         if self.state is None:
             return
         meta = self._meta
-        offsets = meta.query_index[:, 0]
-        self.state.commit(meta, offsets + torch.tensor(last_kept, device=self.device))
+        self.state.commit(meta, meta.starts + torch.tensor(last_kept, device=self.device))
 
 
 def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]], state_slots: list[int],
@@ -123,7 +122,7 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
     dev, bs, b = torch.device(device), block_size, len(layouts)
     q_lens = [len(l.token_ids) for l in layouts]
     offsets = list(itertools.accumulate(q_lens, initial=0))
-    q_max, total = max(q_lens), offsets[-1]
+    total = offsets[-1]
 
     def longs(values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=dev)
@@ -131,28 +130,42 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
     input_ids = longs([t for l in layouts for t in l.token_ids])
     positions = longs([p for l in layouts for p in l.positions])
     q_len_t, start_t = longs(q_lens), longs(offsets[:-1])
-    ar = torch.arange(q_max, device=dev)
-    query_valid = ar[None, :] < q_len_t[:, None]  # [B, Qmax]
-    query_index = torch.where(query_valid, start_t[:, None] + ar, 0)
     req_of = torch.repeat_interleave(torch.arange(b, device=dev), q_len_t)  # [T]
 
-    # keys: each request's past blocks (padded with block 0), then its own block-aligned scratch blocks
+    # keys: each request's past blocks, then its own block-aligned scratch blocks
     past_n = [-(-c // bs) for c in computed]
     scratch_n = [-(-q // bs) for q in q_lens]
     scratch_at = list(itertools.accumulate(scratch_n, initial=scratch_base))
-    p_blocks, s_blocks = max(past_n), max(scratch_n)
-    key_blocks = longs([t[:n] + [0] * (p_blocks - n) + list(range(s, s + m)) + [s] * (s_blocks - m)
-                        for t, n, s, m in zip(block_tables, past_n, scratch_at, scratch_n)])
     scratch_slots = (longs(scratch_at[:-1]) * bs - start_t)[req_of] + torch.arange(total, device=dev)
 
-    cols = torch.arange(s_blocks * bs, device=dev)
-    new_mask = (cols[None, None, :] <= ar[None, :, None]) & query_valid[:, :, None]  # causal [B, Qmax, S]
-    for i, l in enumerate(layouts):
-        if l.mask is not None:
-            new_mask[i, : q_lens[i], : q_lens[i]] = l.mask.to(dev)
-    past_valid = torch.arange(p_blocks * bs, device=dev)[None, :] < longs(computed)[:, None]  # [B, P]
-    mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1), new_mask], dim=2)
-    mask[~query_valid] = True  # padding rows attend to everything: finite, and their output is dropped
+    def group(members: list[int]) -> AttentionGroup:
+        """The padded batch of `members`: queries, key blocks (past padded with block 0) and the mask."""
+        g_q = [q_lens[i] for i in members]
+        q_max, g_q_t = max(g_q), longs(g_q)
+        ar = torch.arange(q_max, device=dev)
+        query_valid = ar[None, :] < g_q_t[:, None]  # [Bg, Qmax]
+        query_index = torch.where(query_valid, longs([offsets[i] for i in members])[:, None] + ar, 0)
+        p_blocks, s_blocks = max(past_n[i] for i in members), max(scratch_n[i] for i in members)
+        key_blocks = longs([block_tables[i][:past_n[i]] + [0] * (p_blocks - past_n[i])
+                            + list(range(scratch_at[i], scratch_at[i] + scratch_n[i]))
+                            + [scratch_at[i]] * (s_blocks - scratch_n[i]) for i in members])
+        cols = torch.arange(s_blocks * bs, device=dev)
+        new_mask = (cols[None, None, :] <= ar[None, :, None]) & query_valid[:, :, None]  # causal [Bg, Qmax, S]
+        for j, i in enumerate(members):
+            if layouts[i].mask is not None:
+                new_mask[j, : q_lens[i], : q_lens[i]] = layouts[i].mask.to(dev)
+        past_valid = torch.arange(p_blocks * bs, device=dev)[None, :] < longs([computed[i] for i in members])[:, None]
+        mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1), new_mask], dim=2)
+        mask[~query_valid] = True  # padding rows attend to everything: finite, and their output is dropped
+        return AttentionGroup(query_index, query_valid, key_blocks, mask[:, None])
+
+    plan = plan_groups(q_lens, [(p + s) * bs for p, s in zip(past_n, scratch_n)])
+    groups = [group(members) for members in plan]
+    order = None
+    if len(plan) > 1:  # concatenated group outputs back to flat order
+        concat = longs([offsets[i] + j for members in plan for i in members for j in range(q_lens[i])])
+        order = torch.empty(total, dtype=torch.long, device=dev)
+        order[concat] = torch.arange(total, device=dev)
 
     table = longs([t + [0] * (max(map(len, block_tables), default=0) - len(t)) for t in block_tables])
     write_index = longs([offsets[i] + j for i, l in enumerate(layouts) for j in range(l.num_write)])
@@ -175,11 +188,10 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
     meta = AttentionMetadata(
         write_index=write_index,
         write_slots=write_slots,
-        query_index=query_index,
-        query_valid=query_valid,
+        starts=start_t,
+        groups=groups,
+        order=order,
         scratch_slots=scratch_slots,
-        key_blocks=key_blocks,
-        mask=mask[:, None],
         scratch_blocks=scratch_at[-1] - scratch_base,
         conv_index=conv_index,
         state_slots=longs(state_slots),
