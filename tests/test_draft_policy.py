@@ -96,6 +96,28 @@ def test_cheap_prefill_tokens_do_not_make_drafting_look_cheap():
     assert policy.choose(32) is None
 
 
+def test_probes_grow_rare_where_drafting_loses_even_when_drafts_are_accepted():
+    """At batch 32 on a compute-bound machine drafting loses although half the drafts pass: the probes that
+    refresh acceptance (two slow steps each) back off, so they cost under 2% of 2,000 steps; at batch 1 the
+    same acceptance still makes the policy draft."""
+    policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
+    step_time = lambda s: 0.010 + 0.001 * s  # noqa: E731
+    feed(policy, step_time, acceptance=0.5, k=4)  # varied step sizes: the fit knows the fixed cost
+    drafted, probe_steps = None, 0
+    for _ in range(2000):
+        rule = policy.choose(32)
+        n = 32 * slots(rule, False)
+        if rule is not None and drafted:  # half the requests accept every draft, half none
+            verifies = [(drafted, drafted), (drafted, 0)] * 16
+        else:
+            verifies = [(0, 0)] * 32 if rule is not None else []
+        policy.observe(n, step_time(n), verifies)
+        drafted = rule.block_size if rule is not None else None
+        probe_steps += rule is not None
+    assert 0 < probe_steps <= 40
+    assert policy.choose(1) is not None
+
+
 def test_static_schedule_follows_batch_limits_and_budget():
     rules = (DraftRule(max_batch=2, block_size=8, levels=(0, 4, 8)), DraftRule(max_batch=8, block_size=4, levels=(0,)))
     sched = StaticSchedule(rules, budget=64)
