@@ -43,8 +43,12 @@ class Server:
     model: str
     port: int
     extra: tuple[str, ...] = ()  # more `tidal serve` flags
+    name: str = ""  # how the report calls it (default: kind)
     proc: subprocess.Popen | None = None
     log: Path | None = None
+
+    def __post_init__(self):
+        self.name = self.name or self.kind
 
     @property
     def base_url(self) -> str:
@@ -70,18 +74,18 @@ class Server:
         if self.answers():  # the previous server (its Ray processes) must be gone, or it would answer for us
             raise RuntimeError(f"something already serves {self.base_url}")
         env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_OMP_THREADS_BIND="0", VLLM_CPU_KVCACHE_SPACE="1")
-        self.log = log_dir / f"{self.kind}.log"
+        self.log = log_dir / f"{self.name}.log"
         self.proc = subprocess.Popen(self.command(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; see {self.log}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
             if self.answers():
                 return
             time.sleep(2)
         self.stop()
-        raise RuntimeError(f"{self.kind} did not answer within {timeout_s} s; see {self.log}")
+        raise RuntimeError(f"{self.name} did not answer within {timeout_s} s; see {self.log}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -201,26 +205,27 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.0f} ({min(xs):.0f}-{max(xs):.0f})"
 
 
-def report(rows: list[dict], servers: list[str], apis: list[str], levels: list[int], runs: int) -> None:
+def report(rows: list[dict], servers: list[str], apis: list[str], levels: list[int], runs: int,
+           variants: tuple[str, ...] = ()) -> None:
     def get(server, api, c, key="tok_s"):
         return [r[key] for r in rows if (r["server"], r["api"], r["c"]) == (server, api, c)]
 
+    pairs = [(a, b) for a, b in (("tidal", "tidal-ar"), ("tidal", "vllm"), ("tidal", "in-process"),
+                                 *((v, "tidal") for v in variants))
+             if a in servers and (b in servers or b == "in-process")]
     for api in apis:
         print(f"\n{api}: completion tokens/s, median (min-max) of {runs} runs")
-        head = "| c | " + " | ".join(servers) + " |" + "".join(
-            f" {a} / {b} |" for a, b in (("tidal", "tidal-ar"), ("tidal", "vllm"), ("tidal", "in-process"))
-            if a in servers and (b in servers or b == "in-process"))
+        head = "| c | " + " | ".join(servers) + " |" + "".join(f" {a} / {b} |" for a, b in pairs)
         print(head)
         print("|---" * (head.count("|") - 1) + "|")
         for c in levels:
             cells = [spread(get(s, api, c)) if get(s, api, c) else "-" for s in servers]
             ratios = []
-            for a, b in (("tidal", "tidal-ar"), ("tidal", "vllm"), ("tidal", "in-process")):
-                if a in servers and (b in servers or b == "in-process"):
-                    xs, ys = get(a, api, c), get(b, "in-process" if b == "in-process" else api, c)
-                    pairs = [x / y for x, y in zip(xs, ys) if y]
-                    ratios.append(f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"
-                                  if pairs else "-")
+            for a, b in pairs:
+                xs, ys = get(a, api, c), get(b, "in-process" if b == "in-process" else api, c)
+                per_run = [x / y for x, y in zip(xs, ys) if y]
+                ratios.append(f"{statistics.median(per_run):.2f}x ({min(per_run):.2f}-{max(per_run):.2f})"
+                              if per_run else "-")
             print(f"| {c} | " + " | ".join(cells) + " |" + "".join(f" {r} |" for r in ratios))
         if api == "chat-stream":
             print("\nchat-stream latency, ms, median over runs of each run's p50 / p99: TTFT; per-token after the first")
@@ -251,11 +256,16 @@ def main() -> None:
     ap.add_argument("--source", default="outside", choices=SOURCES)
     ap.add_argument("--port", type=int, default=8300)
     ap.add_argument("--tidal-args", default="", help="extra `tidal serve` flags, e.g. '--stream-interval-ms 50'")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="one more server: `tidal serve FLAGS` (default mode), reported as NAME beside tidal, "
+                         "e.g. 'tidal-i1=--ingress-replicas 1' (repeatable)")
     ap.add_argument("--no-in-process", action="store_true")
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
     servers, apis = args.servers.split(","), args.apis.split(",")
     levels = [int(x) for x in args.concurrency.split(",")]
+    variants = dict(v.split("=", 1) for v in args.variant)
+    servers += list(variants)
 
     from workers.loader import load_tokenizer
 
@@ -268,8 +278,9 @@ def main() -> None:
           f"tokens per request (ignore_eos); servers {servers}; logs in {log_dir}", flush=True)
     rows = []
     for run in range(args.runs):
-        for kind in servers:
-            server = Server(kind, args.model, args.port, tuple(args.tidal_args.split()))
+        for name in servers:
+            kind, flags = ("tidal", variants[name]) if name in variants else (name, "")
+            server = Server(kind, args.model, args.port, tuple(args.tidal_args.split() + flags.split()), name)
             server.start(log_dir)
             try:
                 served = _served_name(server)
@@ -277,7 +288,7 @@ def main() -> None:
                 for api in apis:
                     for c in levels:
                         r = cell(server, served, api, c, prompts, args.max_tokens)
-                        rows.append({"run": run, "server": kind, "api": api, "c": c, **r})
+                        rows.append({"run": run, "server": name, "api": api, "c": c, **r})
                         print(json.dumps(rows[-1]), flush=True)
             finally:
                 server.stop()
@@ -292,7 +303,7 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    report(rows, servers, apis, levels, args.runs)
+    report(rows, servers, apis, levels, args.runs, tuple(variants))
 
 
 def _served_name(server: Server) -> str:

@@ -72,7 +72,7 @@ def serve_config(cfg: ServeConfig) -> dict:
     auto = cfg.autoscaling
     args = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"autoscaling"})
     return {
-        # HTTP through Serve's proxies; gRPC is served by the ingress replica itself, on the head node
+        # HTTP through Serve's proxies; gRPC is served by the ingress replicas themselves, on the head node
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http_host, "port": cfg.http_port},
         "applications": [{
@@ -253,7 +253,7 @@ def rayservice(cfg: ServeConfig, spec: ClusterSpec = ClusterSpec()) -> dict:
                                   "limits": {"cpu": "500m", "memory": "512Mi"}},
                 },
                 "headGroupSpec": {
-                    # no engines on the head (num-cpus 0): it runs the controller, GCS, a proxy, the ingress (gRPC)
+                    # no engines on the head (num-cpus 0): controller, GCS, a proxy, the ingress replicas (gRPC)
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(METRICS_PORT)},
                     "template": _pod_template(spec, cfg, head=True),

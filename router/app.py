@@ -1,4 +1,5 @@
-"""The Ray Serve application: Ingress -> EngineReplica (autoscaled), and how `tidal serve` runs it.
+"""The Ray Serve application: Ingress (several) -> EngineReplica (autoscaled), the Coordinator the ingress
+replicas share, and how `tidal serve` runs it.
 
 `build_app` is a Serve application builder, so the same typed config runs from the CLI, from
 `serve run router.app:build_app`, and from a KubeRay RayService's serveConfigV2.
@@ -12,13 +13,15 @@ from ray import serve
 from ray.serve.config import HTTPOptions
 
 from router.config import ServeConfig
+from router.coordinator import Coordinator
 from router.engine_replica import EngineReplica
 from router.ingress import Ingress
 from router.telemetry import otel_env
 
 APP_NAME = "tidal"
-# The ingress serves gRPC itself (router/grpc_server.py), so it lives where clients can find the port: on the
-# head node, which every Ray cluster has (locally: this machine; on Kubernetes: the head pod's Service).
+# The ingress replicas serve gRPC themselves (router/grpc_server.py), so they live where clients can find the
+# port: on the head node, which every Ray cluster has (locally: this machine; on Kubernetes: the head pod's
+# Service).
 ON_HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
@@ -37,10 +40,13 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1,
                            "runtime_env": runtime_env},
     ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica, cfg.stream_interval_ms)
-    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=10_000,
+    coordinator = serve.deployment(Coordinator, name="Coordinator", num_replicas=1, max_ongoing_requests=10_000,
+                                   ray_actor_options={"num_cpus": 0}).bind()  # long polls: one per ingress
+    ingress = serve.deployment(Ingress, name="Ingress", num_replicas=cfg.ingress_replicas,
+                               max_ongoing_requests=10_000,
                                ray_actor_options={"num_cpus": 0, "resources": ON_HEAD_NODE,
                                                   "runtime_env": runtime_env})
-    return ingress.bind(engine, cfg.model_dump(mode="json"))
+    return ingress.bind(engine, coordinator, cfg.model_dump(mode="json"))
 
 
 def start(cfg: ServeConfig) -> None:

@@ -55,7 +55,11 @@ class ServeConfig(BaseModel):
     engine: EngineConfig
     model_name: str = Field("tidal", description="the name clients use (OpenAI 'model', gRPC 'model')")
     grpc_port: int = Field(9000, ge=1, le=65535)
-    grpc_host: str = Field("0.0.0.0", description="where the ingress replica's gRPC server listens")
+    grpc_host: str = Field("0.0.0.0", description="where the ingress replicas' gRPC servers listen")
+    grpc_max_connection_age_s: float = Field(
+        30.0, gt=0, description="gRPC connections are recycled this often (in-flight calls finish), so a "
+        "long-lived client channel moves between ingress replicas")
+    ingress_replicas: int = Field(2, ge=1, description="ingress processes on the head node (HTTP, gRPC, tokenizing)")
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     autoscaling: AutoscalingConfig = AutoscalingConfig()

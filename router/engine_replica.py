@@ -5,12 +5,15 @@ is refused at once (Overloaded) instead of queueing forever. A cancelled or aban
 its request in the engine, which frees its KV blocks.
 
 Streams are coalesced: a request's committed tokens go out at most every `stream_interval_ms` (its first
-tokens and its last at once), one Ray message for several decode steps, each step's statistics kept.
+tokens and its last at once), one Ray message for several decode steps, each step's statistics kept. A
+request whose client does not stream gets two messages: its first tokens (errors and time to first token
+show at once) and the rest with its totals.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from collections.abc import AsyncIterator
 
@@ -19,7 +22,7 @@ from opentelemetry import trace
 
 from router import telemetry
 from router.errors import Draining, Overloaded
-from router.events import StreamEvent
+from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.config import EngineConfig, SamplingParams
@@ -39,27 +42,27 @@ class EngineReplica:
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
         self._report_task = None
 
-    async def generate(self, request: dict) -> AsyncIterator[StreamEvent]:
-        """request: prompt (str | list[int]), sampling (dict), request_id. Yields the tokens of one or more
-        decode steps per event (each step's accept statistics kept), the first and the last at once; the
-        request's totals ride on the last event only."""
+    async def generate(self, request: EngineRequest) -> AsyncIterator[StreamEvent]:
+        """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
+        first and the last at once; the request's totals ride on the last event only."""
         self._ensure_reporter()
         if self.draining:
             raise Draining("this replica is draining; retry on another")
         if len(self.engine.scheduler.waiting) >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
-        params = SamplingParams.make(**request.get("sampling", {}))
-        span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.get("trace", {})))
+        params = SamplingParams.make(**request.sampling)
+        span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
+        interval = self.stream_interval_s if request.stream else math.inf
         first, last, pending, sent_at = True, None, None, 0.0
         loop = asyncio.get_running_loop()
-        stream = self.async_engine.generate(request["prompt"], params, request.get("request_id"))
+        stream = self.async_engine.generate(request.prompt, params, request.request_id)
         try:
             async for out in stream:
                 self._account(out)
                 if span.is_recording():
                     self._trace(span, out, first)
                 pending = self._event(out, pending)
-                if first or out.finished or loop.time() - sent_at >= self.stream_interval_s:
+                if first or out.finished or loop.time() - sent_at >= interval:
                     yield pending
                     pending, sent_at = None, loop.time()
                 first, last = False, out

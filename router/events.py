@@ -1,10 +1,21 @@
-"""What crosses the Ray hop from an engine replica to the ingress: typed stream events."""
+"""What crosses the Ray hop between the ingress and an engine replica: the request, then typed stream events."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from workers.request import StepRecord
+
+
+@dataclass
+class EngineRequest:
+    """One generation request as the ingress hands it to a replica (validated and tokenized at the edge)."""
+
+    prompt: list[int]  # prompt token ids
+    sampling: dict  # SamplingParams fields the client set
+    request_id: str | None = None  # the client's id, or None for a fresh one
+    stream: bool = True  # the client reads tokens as they come; False: only the first and the last event matter
+    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the ingress span
 
 
 @dataclass

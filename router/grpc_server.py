@@ -1,4 +1,4 @@
-"""The gRPC endpoint (tidal.v1), served by the ingress replica itself with grpc.aio.
+"""The gRPC endpoint (tidal.v1), served by each ingress replica itself with grpc.aio, all on one port.
 
 Why not Serve's gRPC proxy: when a client cancels a stream while the proxy is writing a message, the
 proxy drops its handle to the ingress call without cancelling it (Ray 2.60), so the request runs to
@@ -20,16 +20,21 @@ from proto import tidal_pb2_grpc as pbg
 
 SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())  # tidal.v1.Generation, .Control
 
-# Ports are shared with SO_REUSEPORT, so a replacement ingress can bind while the old one drains.
+# The port is shared with SO_REUSEPORT: every ingress replica listens on it (the kernel spreads connections
+# over them), and a replacement ingress can bind while the old one drains.
 SERVER_OPTIONS = [("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 64 << 20),
                   ("grpc.max_send_message_length", 64 << 20)]
 
 
-async def start(servicer, host: str, port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+async def start(servicer, host: str, port: int, max_connection_age_s: float
+                ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Serve the Generation and Control services of `servicer` on host:port (in the running loop), with the
     standard grpc.health.v1 service (NOT_SERVING until `set_serving` says otherwise: what Kubernetes' gRPC
-    probes and grpc-health-probe ask) and server reflection (grpcurl list / describe)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    probes and grpc-health-probe ask) and server reflection (grpcurl list / describe). A connection older
+    than `max_connection_age_s` is told to go away (GOAWAY; its calls finish) and the client reconnects,
+    maybe to another replica: without it, one channel would stay on one ingress for its whole life."""
+    age = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))]
+    server = grpc.aio.server(options=SERVER_OPTIONS + age)
     pbg.add_GenerationServicer_to_server(servicer, server)
     pbg.add_ControlServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -3,11 +3,19 @@
 It authenticates, validates and tokenizes at the edge, then streams from an engine replica chosen by
 Serve's load-aware router (power of two choices over replica queue lengths). A client that goes away
 (cancel, deadline, disconnect) cancels the replica's generator, which aborts the request and frees its KV.
+
+Several ingress replicas run side by side (`ingress_replicas`): Serve's proxy spreads HTTP requests over
+them, and all of them listen on the gRPC port (SO_REUSEPORT: the kernel spreads connections; connections
+are recycled every `grpc_max_connection_age_s`, so one long-lived client channel moves between them too).
+They share the drain state and their metrics through the coordinator (router/coordinator.py). Every
+answer names the replica that served it (`x-tidal-ingress` header, `tidal-ingress` trailing metadata).
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
 import asyncio
 import json
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -16,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from tokenizers.decoders import DecodeStream
 from opentelemetry.trace import SpanKind, StatusCode
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 
 from proto import tidal_pb2 as pb
@@ -24,14 +32,39 @@ from router import grpc_server
 from router import openai_api as oa
 from router import telemetry
 from router.config import ServeConfig
+from router.coordinator import IngressReport
 from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
-from router.events import StreamEvent
+from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
 from workers.loader import load_tokenizer
 from workers.request import StepRecord
 
+INGRESS_ID = f"{socket.gethostname()}:{os.getpid()}"  # one ingress replica per process
+
 http_app = FastAPI(title="Tidal")
+
+
+class IngressHeader:
+    """Names the serving replica on every HTTP answer (pure ASGI: no buffering, disconnects still reach
+    the route, which aborts the request)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-tidal-ingress", INGRESS_ID.encode())]
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+http_app.add_middleware(IngressHeader)
 
 
 @http_app.exception_handler(RequestValidationError)
@@ -71,17 +104,21 @@ class Detokenizer:
 
 @serve.ingress(http_app)
 class Ingress:
-    async def __init__(self, engine, config: dict):
+    async def __init__(self, engine, coordinator, config: dict):
         self.config = ServeConfig(**config)
         self.engine = engine
+        self.coordinator = coordinator
         self.tokenizer = load_tokenizer(self.config.engine.model)
         self.draining = False
         self.in_flight = 0
         self._info: dict | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
-        self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port)
-        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port,
+                                                         self.config.grpc_max_connection_age_s)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._report_loop()),
+                       loop.create_task(self._watch_drain())]
 
     def __del__(self):
         """Serve's graceful shutdown awaits what this returns: open RPCs get a few seconds, then the port closes.
@@ -101,7 +138,8 @@ class Ingress:
         if given != f"Bearer {key}" and headers.get("x-api-key") != key:
             raise Unauthenticated("missing or wrong API key (send 'authorization: Bearer <key>')")
 
-    def _request(self, prompt: str | list[int], sampling: dict, model: str | None, request_id: str | None) -> dict:
+    def _request(self, prompt: str | list[int], sampling: dict, model: str | None, request_id: str | None,
+                 stream: bool) -> EngineRequest:
         if self.draining:
             raise Draining("server is draining; no new requests")
         if model and model != self.config.model_name:
@@ -113,15 +151,16 @@ class Ingress:
         if not prompt:
             raise InvalidRequest("prompt is empty")
         SamplingParams.make(**sampling)  # fail fast, before a replica is involved
-        return {"prompt": list(prompt), "sampling": sampling, "request_id": request_id or None}
+        return EngineRequest(list(prompt), sampling, request_id or None, stream)
 
-    async def _events(self, request: dict, carrier: dict[str, str], operation: str) -> AsyncIterator[StreamEvent]:
+    async def _events(self, request: EngineRequest, carrier: dict[str, str], operation: str
+                      ) -> AsyncIterator[StreamEvent]:
         """Stream one request from a replica inside its trace span, feeding the metrics as steps arrive."""
         span = telemetry.tracer().start_span(f"{operation} {self.config.model_name}", kind=SpanKind.SERVER,
                                              context=telemetry.extract(carrier))
         if span.is_recording():
             span.set_attributes(self._request_attributes(request, operation))
-        request["trace"] = telemetry.inject_from(span)
+        request.trace = telemetry.inject_from(span)
         self.in_flight += 1
         start = last = time.monotonic()
         outcome = "cancelled"
@@ -158,8 +197,8 @@ class Ingress:
                 self.metrics.requests.labels(self.config.model_name, outcome).inc()
             span.end()
 
-    def _request_attributes(self, request: dict, operation: str) -> dict:
-        s = {k: v for k, v in request["sampling"].items() if v is not None and k in
+    def _request_attributes(self, request: EngineRequest, operation: str) -> dict:
+        s = {k: v for k, v in request.sampling.items() if v is not None and k in
              ("max_tokens", "temperature", "top_p", "top_k", "seed")}
         return {"gen_ai.operation.name": operation, "gen_ai.request.model": self.config.model_name,
                 "gen_ai.system": "tidal", **{f"gen_ai.request.{k}": v for k, v in s.items()}}
@@ -175,16 +214,17 @@ class Ingress:
 
     # ---- gRPC (tidal.v1) -----------------------------------------------------------------------------
 
-    def _grpc_request(self, request: pb.GenerateRequest, grpc_context) -> dict:
+    def _grpc_request(self, request: pb.GenerateRequest, grpc_context, stream: bool) -> EngineRequest:
+        grpc_context.set_trailing_metadata((("tidal-ingress", INGRESS_ID),))
         self._authorize(dict(grpc_context.invocation_metadata()))
         s = request.sampling
         sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
                     if s.HasField(name)}
         sampling.update(stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
-        return self._request(prompt, sampling, request.model or None, request.request_id)
+        return self._request(prompt, sampling, request.model or None, request.request_id, stream)
 
-    def _grpc_events(self, req: dict, grpc_context) -> AsyncIterator[dict]:
+    def _grpc_events(self, req: EngineRequest, grpc_context) -> AsyncIterator[StreamEvent]:
         events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")
         grpc_server.close_when_rpc_ends(grpc_context, events)
         return events
@@ -213,13 +253,13 @@ class Ingress:
                               mean_acceptance_length=stats.get("mean_acceptance_length", 1.0),
                               acceptance_by_position=stats.get("acceptance_by_position", []))
 
-    def _usage(self, event: dict) -> pb.Usage:
+    def _usage(self, event: StreamEvent) -> pb.Usage:
         return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.stats["generated_tokens"],
                         speculative=self._accept_stats(event.stats))
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
-            req = self._grpc_request(request, grpc_context)
+            req = self._grpc_request(request, grpc_context, stream=False)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             ids, parts, last = [], [], None
             async for event in self._grpc_events(req, grpc_context):
@@ -234,7 +274,7 @@ class Ingress:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            req = self._grpc_request(request, grpc_context)
+            req = self._grpc_request(request, grpc_context, stream=True)
             text = Detokenizer(self.tokenizer if request.return_text else None)
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
@@ -287,15 +327,38 @@ class Ingress:
     async def Drain(self, request: pb.DrainRequest, grpc_context) -> pb.DrainResponse:
         if not self._grpc_authorized(grpc_context):
             return pb.DrainResponse()
-        await self.begin_drain()
-        return pb.DrainResponse(in_flight=self.in_flight)
+        return pb.DrainResponse(in_flight=await self.begin_drain())
 
-    async def begin_drain(self) -> None:
+    # ---- what the ingress replicas share (router/coordinator.py) ---------------------------------------
+
+    async def begin_drain(self) -> int:
+        """Refuse new work here at once and on every other ingress before returning; in-flight requests
+        finish. Returns how many are in flight across the ingresses."""
+        await self._stop_taking_work()
+        return await self.coordinator.drain.remote()
+
+    async def _stop_taking_work(self) -> None:
         self.draining = True
         await grpc_server.set_serving(self.health, False)
+        await self.coordinator.ack_drain.remote(self._report())
 
-    def in_flight_count(self) -> int:
-        return self.in_flight
+    async def _watch_drain(self) -> None:
+        await self.coordinator.wait_drain.remote()  # a long poll: returns when any ingress begins a drain
+        await self._stop_taking_work()
+
+    def _report(self) -> IngressReport:
+        return IngressReport(INGRESS_ID, self.in_flight, telemetry.additive_samples(self.metrics.registry))
+
+    async def _report_loop(self) -> None:
+        while True:
+            if await self.coordinator.report.remote(self._report()) and not self.draining:
+                await self._stop_taking_work()  # missed the long poll (e.g. the coordinator restarted)
+            await asyncio.sleep(0.5)
+
+    async def in_flight_count(self) -> int:
+        """Requests in flight on every ingress."""
+        await self.coordinator.report.remote(self._report())
+        return await self.coordinator.in_flight.remote()
 
     # ---- HTTP (OpenAI-compatible) -------------------------------------------------------------------
 
@@ -312,8 +375,10 @@ class Ingress:
 
     @http_app.get("/metrics")
     async def metrics_text(self):
+        """The whole server: load from the stats board, counters and histograms summed over every ingress."""
         self.metrics.load(await StatsBoard.get().summary.remote())
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        everyone = await self.coordinator.samples.remote(self._report())
+        return Response(telemetry.merged_exposition(self.metrics.registry, everyone), media_type=CONTENT_TYPE_LATEST)
 
     @http_app.get("/v1/models")
     async def models(self, raw: Request):
@@ -336,7 +401,7 @@ class Ingress:
         try:
             headers = {k.lower(): v for k, v in raw.headers.items()}
             self._authorize(headers)
-            req = self._request(prompt, body.sampling(), body.model, None)
+            req = self._request(prompt, body.sampling(), body.model, None, stream=bool(body.stream))
             events = self._events(req, headers, "chat" if chat else "text_completion")
             first = await anext(events)  # errors (bad input, overload) surface before any byte is sent
         except Exception as e:

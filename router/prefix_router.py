@@ -14,6 +14,8 @@ import hashlib
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from router.events import EngineRequest
+
 
 def prefix_key(prompt: list[int] | str, prefix_tokens: int) -> bytes:
     head = prompt[:prefix_tokens] if isinstance(prompt, list) else prompt[: 4 * prefix_tokens]
@@ -42,9 +44,9 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        if not isinstance(request, dict) or len(request.get("prompt") or ()) < self.prefix_tokens:
+        if not isinstance(request, EngineRequest) or len(request.prompt) < self.prefix_tokens:
             return [candidate_replicas]  # no prefix worth a cache: the least loaded replica (Serve probes them)
         ids = [r.replica_id.unique_id for r in candidate_replicas]
         lens = [self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
-        ranks = rank(prefix_key(request["prompt"], self.prefix_tokens), ids, lens, self.max_imbalance)
+        ranks = rank(prefix_key(request.prompt, self.prefix_tokens), ids, lens, self.max_imbalance)
         return [[candidate_replicas[i] for i in r] for r in ranks if r]

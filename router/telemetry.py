@@ -6,18 +6,23 @@ OTEL_TRACES_SAMPLER[_ARG], OTEL_SERVICE_NAME. Off, every span is a no-op and no 
 Each Serve process (ingress, engine replicas) sets itself up; the trace context crosses the Ray hop
 inside the request dict as a W3C traceparent carrier.
 
-Metric names follow vLLM's where vLLM has the metric (so its dashboards work), `tidal:` otherwise.
+Metric names follow vLLM's where vLLM has the metric (so its dashboards work), `tidal:` otherwise. Every
+ingress replica keeps its own registry; /metrics on any of them sums the counters and histograms of all
+(`additive_samples`, `merged_exposition`; the coordinator holds the copies).
 """
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 
 from opentelemetry import propagate, trace
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from workers.request import StepRecord
 
+ADDITIVE = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}  # family type -> sample suffixes
 OTEL_PREFIX = "OTEL_"
 _tracing_ready = False
 
@@ -124,3 +129,42 @@ class Metrics:
         self.running.labels(m).set(summary["running"])
         self.kv_usage.labels(m).set(summary["kv_usage"])
         self.replicas.labels(m).set(summary["replicas"])
+
+
+def additive_samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The registry's counter and histogram samples, which add up across ingress replicas (not their
+    `_created` timestamps, and not gauges)."""
+    return {(x.name, tuple(sorted(x.labels.items()))): x.value for family in registry.collect()
+            if family.type in ADDITIVE for x in family.samples if not x.name.endswith("_created")}
+
+
+def merged_exposition(registry: CollectorRegistry, everyone: list[dict]) -> bytes:
+    """Prometheus text of `registry` with every counter and histogram sample summed over `everyone` (each
+    ingress's additive_samples, this one's included); gauges (the load, read from the stats board) as
+    `registry` has them. A label set only another ingress has seen is included."""
+    totals: dict = defaultdict(float)
+    for samples in everyone:
+        for key, value in samples.items():
+            totals[key] += value
+
+    class Merged:
+        def collect(self):
+            for family in registry.collect():
+                if family.type not in ADDITIVE:
+                    yield family
+                    continue
+                names = {family.name + suffix for suffix in ADDITIVE[family.type]}
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                seen = set()
+                for x in family.samples:
+                    if x.name in names:
+                        key = (x.name, tuple(sorted(x.labels.items())))
+                        seen.add(key)
+                        merged.add_sample(x.name, x.labels, totals.get(key, x.value))
+                for name, labels in sorted(k for k in totals if k[0] in names and k not in seen):
+                    merged.add_sample(name, dict(labels), totals[(name, labels)])
+                yield merged
+
+    out = CollectorRegistry(auto_describe=False)
+    out.register(Merged())
+    return generate_latest(out)

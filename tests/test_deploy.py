@@ -107,7 +107,7 @@ def test_serve_config_validates_and_imports(rendered):
         a = schema.applications[0]
         assert (a.import_path, a.route_prefix) == ("router.app:build_app", "/")
         assert import_attr(a.import_path) is app.build_app
-        # gRPC is the ingress replica's own server, not Serve's proxy (which would fight it for the port)
+        # gRPC is the ingress replicas' own servers, not Serve's proxy (which would fight them for the port)
         assert not schema.grpc_options.grpc_servicer_functions
         assert schema.http_options.port == 8000 and ServeConfig(**a.args).grpc_port == 9000
         assert schema.http_options.host == ("127.0.0.1" if name == "serve-local.yaml" else "0.0.0.0")
@@ -161,7 +161,7 @@ def test_rayservice_manifest_shape():
         (c,) = group["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["serve"] == 8000
-        # the ingress (and its gRPC server) runs on the head only; KubeRay's head Service exposes the port
+        # the ingress replicas (and their gRPC servers) run on the head only; KubeRay's head Service exposes the port
         assert ports.get("grpc") == (9000 if group is head else None)
         assert {"readinessProbe", "livenessProbe"} <= set(c)
         assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]

@@ -41,6 +41,7 @@ PROMPT = "Hello tidal"
 MAX_NUM_SEQS, MAX_QUEUED, MAX_ONGOING = 2, 4, 6
 MAX_MODEL_LEN = 4096  # make_zaya's max_position_embeddings; the KV pool below holds 2 such requests
 LONG = 4000  # tokens: a stream that would run for many seconds unless it is aborted
+INGRESSES, CONNECTION_AGE_S = 2, 0.5  # ingress replicas; gRPC connections recycled this often
 
 
 def free_port() -> int:
@@ -102,15 +103,31 @@ class Server:
             ray.shutdown()
 
 
-def http(url: str, body=None, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-    """(status, JSON body) of a GET (body None) or POST; `body` may be raw bytes."""
+def http(url: str, body=None, headers: dict | None = None, timeout: float = 60, served_by: list | None = None
+         ) -> tuple[int, dict]:
+    """(status, JSON body) of a GET (body None) or POST; `body` may be raw bytes. `served_by` receives the
+    answering ingress replica (the x-tidal-ingress header)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
+            if served_by is not None:
+                served_by.append(r.headers["x-tidal-ingress"])
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
+        if served_by is not None:
+            served_by.append(e.headers["x-tidal-ingress"])
         return e.code, json.loads(e.read())
+
+
+def fresh_channel(server) -> grpc.Channel:
+    """A channel with a connection of its own (by default channels in one process share connections)."""
+    return grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def grpc_ingress(call_or_error) -> str:
+    """The ingress replica that answered a call (the tidal-ingress trailing metadata)."""
+    return dict(call_or_error.trailing_metadata())["tidal-ingress"]
 
 
 def wait_ready(gen: pbg.GenerationStub, metadata, timeout_s: float, alive=lambda: True) -> None:
@@ -154,7 +171,8 @@ def server(model_dir):
     cfg = ServeConfig.load(None, **{
         "engine.model": model_dir, "grpc_port": free_port(), "http_port": free_port(),
         "engine.max_num_seqs": MAX_NUM_SEQS, "engine.kv_cache_bytes": 4 << 20,
-        "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING})
+        "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING,
+        "ingress_replicas": INGRESSES, "grpc_max_connection_age_s": CONNECTION_AGE_S})
     srv = Server(model_dir, cfg.grpc_port, cfg.http_port)
     try:
         app.start(cfg)
@@ -538,23 +556,82 @@ def test_http_overload(server):
     assert status == 200
 
 
+# ---- several ingress replicas ---------------------------------------------------------------------------
+
+
+def request_count(server) -> float:
+    """Finished requests in /metrics (every finish reason)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.base}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(x.value for f in text_string_to_metric_families(text) if f.name == "vllm:request_success"
+               for x in f.samples if x.name.endswith("_total"))
+
+
+def test_http_spreads_over_the_ingresses_and_metrics_count_them_all(server):
+    server.wait_idle()
+    time.sleep(1.5)  # every ingress has posted its counters since the last request ended
+    before = request_count(server)
+    served_by: list[str] = []
+    for i in range(12):
+        assert http(f"{server.base}/v1/completions", {"prompt": [3 + i, 7], "max_tokens": 2},
+                    served_by=served_by)[0] == 200
+    assert len(set(served_by)) == INGRESSES, served_by
+    deadline = time.monotonic() + 10  # each ingress posts its counters every half second
+    while request_count(server) < before + 12 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert request_count(server) == before + 12  # every ingress's requests, each once
+
+
+def test_grpc_connections_spread_over_the_ingresses(server):
+    """Connections land on any ingress (one port, SO_REUSEPORT), and one long-lived channel moves between
+    them because the server recycles connections older than grpc_max_connection_age_s."""
+    served_by = set()
+    for _ in range(12):
+        with fresh_channel(server) as channel:
+            _, call = pbg.GenerationStub(channel).Generate.with_call(request(PROMPT, 2), metadata=MD, timeout=30)
+            served_by.add(grpc_ingress(call))
+    assert len(served_by) == INGRESSES
+    served_by = set()
+    with fresh_channel(server) as channel:
+        gen = pbg.GenerationStub(channel)
+        for _ in range(12):
+            _, call = gen.Generate.with_call(request(PROMPT, 2), metadata=MD, timeout=30)
+            served_by.add(grpc_ingress(call))
+            time.sleep(1.2 * CONNECTION_AGE_S)
+    assert len(served_by) == INGRESSES
+
+
 # ---- drain (last test on the module's app: it stops taking work) ---------------------------------------
 
 
-def test_drain_refuses_new_work(server):
+def test_drain_on_one_ingress_refuses_new_work_on_all(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     server.wait_idle()
     assert server.ctl.Drain(pb.DrainRequest(), metadata=MD, timeout=10).in_flight == 0
-    assert server.ctl.Health(pb.HealthRequest(), metadata=MD, timeout=10).status == pb.HealthResponse.NOT_SERVING
-    from grpc_health.v1 import health_pb2
-
-    assert standard_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING  # at once, not a second later
-    for call in (server.gen.Generate, lambda *a, **k: list(server.gen.GenerateStream(*a, **k))):
-        with pytest.raises(grpc.RpcError) as e:
-            call(request(PROMPT, 4), metadata=MD, timeout=30)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
-    assert http(f"{server.base}/health")[0] == 503
-    status, body = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
-    assert status == 503 and "draining" in body["error"]["message"]
+    # at once (not a health-loop second later), on every ingress: fresh connections reach them all
+    refused_by = set()
+    for _ in range(12):
+        with fresh_channel(server) as channel:
+            assert pbg.ControlStub(channel).Health(pb.HealthRequest(), metadata=MD, timeout=10).status == \
+                pb.HealthResponse.NOT_SERVING
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            gen = pbg.GenerationStub(channel)
+            for call in (gen.Generate, lambda *a, **k: list(gen.GenerateStream(*a, **k))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(request(PROMPT, 4), metadata=MD, timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+                refused_by.add(grpc_ingress(e.value))
+    assert len(refused_by) == INGRESSES
+    refused_by = []
+    for _ in range(12):
+        assert http(f"{server.base}/health", served_by=refused_by)[0] == 503
+        status, body = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4}, served_by=refused_by)
+        assert status == 503 and "draining" in body["error"]["message"]
+    assert len(set(refused_by)) == INGRESSES
 
 
 # ---- `tidal serve` as a process: API key, SIGTERM ------------------------------------------------------

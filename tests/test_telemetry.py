@@ -52,6 +52,7 @@ from proto import tidal_pb2 as pb
 from proto import tidal_pb2_grpc as pbg
 from router import telemetry
 from router.engine_replica import EngineReplica
+from router.events import EngineRequest, StreamEvent
 from workers.config import EngineConfig
 from workers.request import StepRecord
 
@@ -144,18 +145,16 @@ def replica(tiny_model):
     r.async_engine.shutdown()
 
 
-def run(replica: EngineReplica, request: dict) -> list[dict]:
+def run(replica: EngineReplica, request: EngineRequest) -> list[StreamEvent]:
     async def go():
         return [ev async for ev in replica.generate(request)]
 
     return asyncio.run(go())
 
 
-def tiny_request(carrier: dict | None) -> dict:
-    req = {"prompt": TINY_PROMPT, "sampling": {"max_tokens": TINY_TOKENS, "ignore_eos": True}}
-    if carrier is not None:
-        req["trace"] = carrier
-    return req
+def tiny_request(carrier: dict | None, stream: bool = True) -> EngineRequest:
+    return EngineRequest(TINY_PROMPT, {"max_tokens": TINY_TOKENS, "ignore_eos": True}, stream=stream,
+                         trace=carrier or {})
 
 
 def test_replica_without_tracing(replica, monkeypatch):
@@ -198,10 +197,28 @@ def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny
     assert [t for e in coalesced for t in e.token_ids] == [t for e in each for t in e.token_ids]
     assert [s for e in coalesced for s in e.steps] == [s for e in each for s in e.steps]
     assert coalesced[-1].finished and coalesced[-1].stats == each[-1].stats
+
     # the request's totals travel once, on the last event; every decode step is a typed record
     assert all(e.stats is None for e in each[:-1] + coalesced[:-1])
     assert all(isinstance(s, StepRecord) for e in coalesced for s in e.steps)
     assert sum(len(e.steps) for e in coalesced) == each[-1].stats["forwards"]
+
+
+def test_a_request_that_does_not_stream_gets_its_first_tokens_then_the_rest(tiny_model):
+    """A non-streaming client (unary gRPC, an OpenAI call without stream) reads only the answer: at any stream
+    interval its request crosses the Ray hop as two messages, the first step's tokens (errors and time to
+    first token show at once) and everything else with the totals, every step's statistics kept."""
+    config = EngineConfig(model=tiny_model, mode="tidar", block_size=4, kv_cache_bytes=1 << 20,
+                          tidar=TIDAR).model_dump(mode="json")
+    r = EngineReplica(config, max_queued=8, stream_interval_ms=0.0)
+    try:
+        each, unary = run(r, tiny_request(None)), run(r, tiny_request(None, stream=False))
+    finally:
+        r.async_engine.shutdown()
+    assert len(each) > 2 and len(unary) == 2
+    assert unary[0].token_ids == each[0].token_ids
+    assert [t for e in unary for t in e.token_ids] == [t for e in each for t in e.token_ids]
+    assert [s for e in unary for s in e.steps] == [s for e in each for s in e.steps]
 
 
 def test_replica_span_tree(replica):
@@ -462,6 +479,8 @@ def test_metrics_move(served):
         time.sleep(0.25)
         before, types = scrape(served.base)
     assert value(before, "tidal:engine_replicas") == 1
+    time.sleep(1.5)  # every ingress has posted its counters of the earlier tests' requests
+    before, _ = scrape(served.base)
 
     n = 10
     msgs = list(served.gen.GenerateStream(gen_request([5, 17, 200, 33], n), metadata=MD, timeout=60))
@@ -479,6 +498,8 @@ def test_metrics_move(served):
         if delta("vllm:request_success_total", finished_reason="length") >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
+    time.sleep(1.0)  # and every ingress has posted its counters since (the 400 may have been another's)
+    after, _ = scrape(served.base)
     drafted, accepted = sum(m.step.drafted for m in msgs), sum(m.step.accepted for m in msgs)
     assert drafted > 0
     assert delta("vllm:request_success_total", finished_reason="length") == 1
@@ -499,6 +520,7 @@ HTTP_SCRIPT = textwrap.dedent("""
     from opentelemetry import trace
     from router import telemetry
     from router.engine_replica import EngineReplica
+    from router.events import EngineRequest
     from workers.config import EngineConfig
 
     r = EngineReplica(EngineConfig(model=sys.argv[1], mode="tidar", block_size=4, kv_cache_bytes=1 << 20,
@@ -506,8 +528,8 @@ HTTP_SCRIPT = textwrap.dedent("""
     provider = trace.get_tracer_provider()
     assert type(provider).__module__.startswith("opentelemetry.sdk"), provider
     async def go():
-        request = {"prompt": [1, 4, 2, 5, 3], "sampling": {"max_tokens": 8, "ignore_eos": True},
-                   "trace": {"traceparent": sys.argv[2]}}
+        request = EngineRequest([1, 4, 2, 5, 3], {"max_tokens": 8, "ignore_eos": True},
+                                trace={"traceparent": sys.argv[2]})
         return [ev async for ev in r.generate(request)]
     events = asyncio.run(go())
     print(sum(len(e.token_ids) for e in events), len(events))

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", dest="http_host", help="HTTP bind address (default 127.0.0.1)")
     sv.add_argument("--ep", type=int, help="expert-parallel worker actors per engine replica")
     sv.add_argument("--replicas", type=int, help="engine replicas (fixed; use --config for autoscaling)")
+    sv.add_argument("--ingress-replicas", type=int, help="ingress processes sharing the ports (default 2)")
     sv.add_argument("--mode", choices=["auto", "ar", "tidar"],
                     help="default: the config's; auto (the default without --config): tidar when the model names a "
                          "mask token, else ar")
@@ -118,7 +119,8 @@ def cmd_serve(args) -> int:
 
     overrides = {"engine.model": args.model, "engine.mode": args.mode, "engine.ep_size": args.ep,
                  "grpc_port": args.grpc_port, "http_port": args.http_port, "http_host": args.http_host,
-                 "api_key": args.api_key, "stream_interval_ms": args.stream_interval_ms}
+                 "api_key": args.api_key, "stream_interval_ms": args.stream_interval_ms,
+                 "ingress_replicas": args.ingress_replicas}
     if args.replicas:
         overrides["autoscaling"] = AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas)
     if not args.config and not args.model:
