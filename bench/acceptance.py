@@ -147,7 +147,8 @@ def main() -> None:
     all_prompts = code_prompts(probe.tokenizer, args.prompts, args.context, args.source)
     print(f"model {args.model}; {len(all_prompts)} {args.source} prompts of <= {args.context} tokens; "
           f"{args.max_tokens} generated; K={K}; 1 thread; second of two passes timed")
-    print("| sampler | batch | layout | mean acceptance length | drafting steps | TiDAR tok/s | AR tok/s | TiDAR / AR |")
+    print("| sampler | batch | layout | mean acceptance length | drafting steps | TiDAR tok/s | AR tok/s "
+          "| TiDAR / AR |")
     print("|---|---|---|---|---|---|---|---|")
     results = {"model": args.model, "source": args.source, "prompts": len(all_prompts), "context": args.context,
                "max_tokens": args.max_tokens, "rows": []}

@@ -171,8 +171,9 @@ def cell(server: Server, served_model: str, api: str, c: int, prompts: list[str]
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    return {"tok_s": res.tokens / wall, "errors": res.errors, "first_error": res.first_error, "requests": len(res.latency),
-            "ttft_ms": percentiles(res.ttft), "tpot_ms": percentiles(res.tpot), "latency_ms": percentiles(res.latency)}
+    return {"tok_s": res.tokens / wall, "errors": res.errors, "first_error": res.first_error,
+            "requests": len(res.latency), "ttft_ms": percentiles(res.ttft), "tpot_ms": percentiles(res.tpot),
+            "latency_ms": percentiles(res.latency)}
 
 
 def percentiles(xs: list[float]) -> dict | None:
@@ -223,12 +224,13 @@ def report(rows: list[dict], servers: list[str], apis: list[str], levels: list[i
             ratios = []
             for a, b in pairs:
                 xs, ys = get(a, api, c), get(b, "in-process" if b == "in-process" else api, c)
-                per_run = [x / y for x, y in zip(xs, ys) if y]
+                per_run = [x / y for x, y in zip(xs, ys, strict=False) if y]
                 ratios.append(f"{statistics.median(per_run):.2f}x ({min(per_run):.2f}-{max(per_run):.2f})"
                               if per_run else "-")
             print(f"| {c} | " + " | ".join(cells) + " |" + "".join(f" {r} |" for r in ratios))
         if api == "chat-stream":
-            print("\nchat-stream latency, ms, median over runs of each run's p50 / p99: TTFT; per-token after the first")
+            print("\nchat-stream latency, ms, median over runs of each run's p50 / p99: TTFT; "
+                  "per-token after the first")
             print("| c | " + " | ".join(f"{s} TTFT | {s} per-token" for s in servers) + " |")
             print("|---" * (1 + 2 * len(servers)) + "|")
             for c in levels:

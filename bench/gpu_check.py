@@ -53,7 +53,7 @@ def build(name: str, root: Path, seed: int):
 
 
 def first_divergence(ckpt, prompt, got, want) -> dict:
-    for i, (a, b) in enumerate(zip(got, want)):
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
             logits = ckpt.logits(prompt + want[:i])[-1]
             top = torch.topk(logits, 2).values
@@ -86,7 +86,8 @@ def compare(stage: str, name: str, ckpt, e, prompts, n: int) -> None:
     ok = got == want
     info = {"seconds": round(wall, 2), "stats": [o.stats for o in outs]}
     if not ok:
-        info["divergence"] = [first_divergence(ckpt, p, g, w) for p, g, w in zip(prompts, got, want) if g != w]
+        info["divergence"] = [first_divergence(ckpt, p, g, w) for p, g, w in zip(prompts, got, want, strict=False)
+                              if g != w]
     report(stage, name, ok, **info)
 
 
@@ -169,7 +170,8 @@ def main() -> int:
             t = time.perf_counter()
             try:
                 {"env": lambda: stage_env(), "ar": lambda: stage_ar(ckpts, args.tokens),
-                 "spec": lambda: stage_spec(ckpts, args.tokens), "tidar": lambda: stage_tidar(ckpts, args.tokens)}[stage]()
+                 "spec": lambda: stage_spec(ckpts, args.tokens),
+                 "tidar": lambda: stage_tidar(ckpts, args.tokens)}[stage]()
             except Exception as e:  # one broken stage must not hide the others
                 report(stage, "crashed", False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:])
             print(f"-- stage {stage}: {time.perf_counter() - t:.1f} s", flush=True)

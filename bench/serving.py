@@ -24,7 +24,7 @@ def summarize(results: list[tuple[float, list[float]]], wall: float) -> dict:
     """results: per request (start time, arrival time of each streamed chunk with its token count...)."""
     tokens = sum(n for _, chunks in results for _, n in chunks)
     ttft = statistics.mean(chunks[0][0] - start for start, chunks in results)
-    gaps = [(b[0] - a[0]) / b[1] for _, chunks in results for a, b in zip(chunks, chunks[1:]) if b[1]]
+    gaps = [(b[0] - a[0]) / b[1] for _, chunks in results for a, b in zip(chunks, chunks[1:], strict=False) if b[1]]
     return {"tok_s": tokens / wall, "ttft_ms": 1000 * ttft, "itl_ms": 1000 * statistics.mean(gaps) if gaps else 0.0}
 
 
@@ -102,11 +102,12 @@ def main() -> None:
     through_grpc(args.grpc_port, 1, 4)  # warm-ups: waits for the replica; first-call costs of torch here
     in_process(args.model, 1, 4)
     print(f"model {args.model}; {args.max_tokens} tokens per request, greedy")
-    print("| concurrency | in-process tok/s | gRPC tok/s | gRPC / in-process | TTFT ms in-proc / gRPC | ITL ms in-proc / gRPC |")
+    print("| concurrency | in-process tok/s | gRPC tok/s | gRPC / in-process | TTFT ms in-proc / gRPC "
+          "| ITL ms in-proc / gRPC |")
     print("|---|---|---|---|---|---|")
     for c in levels:
-        local = best(lambda: in_process(args.model, c, args.max_tokens), args.repeat)
-        remote = best(lambda: through_grpc(args.grpc_port, c, args.max_tokens), args.repeat)
+        local = best(lambda c=c: in_process(args.model, c, args.max_tokens), args.repeat)
+        remote = best(lambda c=c: through_grpc(args.grpc_port, c, args.max_tokens), args.repeat)
         print(f"| {c} | {local['tok_s']:.0f} | {remote['tok_s']:.0f} | {remote['tok_s'] / local['tok_s']:.2f} | "
               f"{local['ttft_ms']:.0f} / {remote['ttft_ms']:.0f} | {local['itl_ms']:.1f} / {remote['itl_ms']:.1f} |",
               flush=True)

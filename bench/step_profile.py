@@ -3,9 +3,10 @@ bookkeeping; then torch.profiler's top operators.
 
     python -m bench.step_profile [--model models/zaya-code-tiny] [--batches 1,8] [--steps 30] [--threads 1]
 
-Each phase is timed by wrapping the function that owns it (wall clock, one thread): `tidar.layout` + `build_inputs` (input
-and mask building), `paged_attention` (attention, all layers), the model's forward and its LM / draft heads minus attention (model ops),
-`tidar.accept` + `tidar.set_drafts` (sampling and acceptance; AR steps sample inside `accept` too), and the rest
+Each phase is timed by wrapping the function that owns it (wall clock, one thread): `tidar.layout` +
+`build_inputs` (input and mask building), `paged_attention` (attention, all layers), the model's forward and
+its LM / draft heads minus attention (model ops), `tidar.accept` + `tidar.set_drafts` (sampling and
+acceptance; AR steps sample inside `accept` too), and the rest
 of `LLMEngine.step` (scheduling, KV bookkeeping, outputs). TiDAR runs K = 16 drafts with one level-0 block.
 """
 

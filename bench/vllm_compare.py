@@ -43,7 +43,8 @@ def make_checkpoint(family: str, out: Path, hidden: int, layers: int) -> str:
     common = dict(vocab_size=2048, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
                   num_key_value_heads=2, head_dim=64, max_position_embeddings=16384, initializer_range=0.05)
     if family == "zaya":
-        cfg, cls = ZayaConfig(moe_intermediate_size=2 * hidden, num_experts=4, router_hidden_size=64, **common), ZayaForCausalLM
+        cfg, cls = (ZayaConfig(moe_intermediate_size=2 * hidden, num_experts=4, router_hidden_size=64, **common),
+                    ZayaForCausalLM)
     elif family == "qwen3":
         cfg, cls = Qwen3Config(intermediate_size=3 * hidden, **common), Qwen3ForCausalLM
     else:
@@ -151,15 +152,16 @@ def by_context(args) -> None:
             path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
             common = dict(model=path, max_num_seqs=max(batches), max_num_batched_tokens=2048,
                           kv_cache_bytes=2 << 30, device=args.device)
-            engines = {"native": LLMEngine(EngineConfig(**common)), "vllm": VllmEngine(EngineConfig(backend="vllm", **common))}
+            engines = {"native": LLMEngine(EngineConfig(**common)),
+                       "vllm": VllmEngine(EngineConfig(backend="vllm", **common))}
             for b in batches:
                 base = None
                 for c in contexts:
                     ms = {name: 1000 * b / decode_rate(e, b, args.steps, seed=c, prompt_len=c)[0]
                           for name, e in engines.items()}
                     base = base or ms["native"]
-                    print(f"| {family} | {b} | {c} | {ms['native']:.1f} | {ms['vllm']:.1f} | {ms['native'] / base:.2f}x |",
-                          flush=True)
+                    print(f"| {family} | {b} | {c} | {ms['native']:.1f} | {ms['vllm']:.1f} | "
+                          f"{ms['native'] / base:.2f}x |", flush=True)
             engines["vllm"].shutdown()
 
 
@@ -207,7 +209,8 @@ def main() -> None:
                              "same_greedy_tokens": n_tok == v_tok, "vllm_start_s": round(start_s, 1)})
                 print(json.dumps(rows[-1]), flush=True)
             vllm.shutdown()
-    print(f"\n{'family':<7} {'batch':>5} {'native tok/s':>13} {'vLLM tok/s':>11} {'vLLM/native':>12} {'same tokens':>12}")
+    print(f"\n{'family':<7} {'batch':>5} {'native tok/s':>13} {'vLLM tok/s':>11} {'vLLM/native':>12} "
+          f"{'same tokens':>12}")
     for r in rows:
         print(f"{r['family']:<7} {r['batch']:>5} {r['native_tok_s']:>13} {r['vllm_tok_s']:>11} "
               f"{r['vllm_over_native']:>12} {str(r['same_greedy_tokens']):>12}")

@@ -16,9 +16,10 @@ def create_group_placement(size: int, use_gpu: bool, timeout_s: float = 60.0) ->
     pg = placement_group([worker_bundle(use_gpu)] * size, strategy="STRICT_PACK")
     try:
         ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
+    except ray.exceptions.GetTimeoutError as e:
         remove_placement_group(pg)
-        raise RuntimeError(f"no node can host {size} workers ({worker_bundle(use_gpu)} each) within {timeout_s:.0f}s")
+        raise RuntimeError(
+            f"no node can host {size} workers ({worker_bundle(use_gpu)} each) within {timeout_s:.0f}s") from e
     return pg
 
 

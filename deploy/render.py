@@ -134,8 +134,9 @@ def node_bounds(cfg: ServeConfig, spec: ClusterSpec) -> tuple[int, int, int]:
     if min_nodes < 0 or max_nodes < max(min_nodes, 1):
         raise InvalidRequest(f"need 0 <= min nodes ({min_nodes}) <= max nodes ({max_nodes}), max nodes >= 1")
     if max_nodes * per_node < auto.max_replicas:
-        raise InvalidRequest(f"autoscaling.max_replicas={auto.max_replicas} needs {math.ceil(auto.max_replicas / per_node)} "
-                             f"nodes of {spec.gpus_per_node} GPUs ({per_node} replicas each); max nodes is {max_nodes}")
+        raise InvalidRequest(f"autoscaling.max_replicas={auto.max_replicas} needs "
+                             f"{math.ceil(auto.max_replicas / per_node)} nodes of {spec.gpus_per_node} GPUs "
+                             f"({per_node} replicas each); max nodes is {max_nodes}")
     return per_node, min_nodes, max_nodes
 
 
@@ -226,7 +227,8 @@ def rayservice(cfg: ServeConfig, spec: ClusterSpec = ClusterSpec()) -> dict:
         raise InvalidRequest(f"--name must be 1 to {MAX_NAME_LEN} characters")
     cfg = ServeConfig(**{**cfg.model_dump(mode="json", exclude_none=True), "http_host": "0.0.0.0"})
     _, min_nodes, max_nodes = node_bounds(cfg, spec)
-    metadata = {"name": spec.name, "labels": {"app.kubernetes.io/name": "tidal", "app.kubernetes.io/instance": spec.name}}
+    metadata = {"name": spec.name,
+                "labels": {"app.kubernetes.io/name": "tidal", "app.kubernetes.io/instance": spec.name}}
     if spec.namespace:
         metadata["namespace"] = spec.namespace
     worker_params = {"num-gpus": str(spec.gpus_per_node), "metrics-export-port": str(METRICS_PORT)}

@@ -71,7 +71,7 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(None, description="when set, clients must send 'authorization: Bearer <key>'")
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides) -> "ServeConfig":
+    def load(cls, path: str | None = None, **overrides) -> ServeConfig:
         """A YAML or JSON file, then flags on top (engine.* keys nest)."""
         data: dict = {}
         if path:
@@ -79,7 +79,8 @@ class ServeConfig(BaseModel):
 
             data = yaml.safe_load(Path(path).read_text()) or {}
         engine = dict(data.pop("engine", {}) or {})
-        engine.update({k[len("engine."):]: v for k, v in overrides.items() if k.startswith("engine.") and v is not None})
+        engine.update({k[len("engine."):]: v for k, v in overrides.items()
+                       if k.startswith("engine.") and v is not None})
         data.update({k: v for k, v in overrides.items() if not k.startswith("engine.") and v is not None})
         try:
             return cls(engine=engine, **data)

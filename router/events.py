@@ -31,7 +31,7 @@ class StreamEvent:
     stats: dict | None = None  # the request's totals (RequestStats.as_dict), on the last event only
     error: str | None = None  # the engine's failure message (finish_reason "error")
 
-    def merged_into(self, later: "StreamEvent") -> "StreamEvent":
+    def merged_into(self, later: StreamEvent) -> StreamEvent:
         """This event's tokens and steps ahead of `later`'s: one message for both."""
         later.token_ids = self.token_ids + later.token_ids
         later.steps = self.steps + later.steps

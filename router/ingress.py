@@ -22,15 +22,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from tokenizers.decoders import DecodeStream
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
+from tokenizers.decoders import DecodeStream
 
 from proto import tidal_pb2 as pb
-from router import grpc_server
+from router import grpc_server, telemetry
 from router import openai_api as oa
-from router import telemetry
 from router.config import ServeConfig
 from router.coordinator import IngressReport
 from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
@@ -272,7 +271,8 @@ class Ingress:
             self._fail(grpc_context, e)
             return pb.GenerateResponse()
 
-    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context
+                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             req = self._grpc_request(request, grpc_context, stream=True)
             text = Detokenizer(self.tokenizer if request.return_text else None)

@@ -24,7 +24,8 @@ class _Board:
                  ("queue_depth", "running", "drafted", "accepted", "verify_steps", "finished", "steps")}
         total["replicas"] = len(live)
         total["kv_usage"] = sum(s["kv_usage"] for s in live) / len(live) if live else 0.0
-        total["mean_acceptance_length"] = 1 + total["accepted"] / total["verify_steps"] if total["verify_steps"] else 1.0
+        total["mean_acceptance_length"] = (1 + total["accepted"] / total["verify_steps"] if total["verify_steps"]
+                                           else 1.0)
         return total
 
 

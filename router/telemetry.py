@@ -101,9 +101,10 @@ class Metrics:
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed steps per token", labels,
                              registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
-        self.requests = Counter("vllm:request_success", "Finished requests by finish reason", labels + ["finished_reason"],
+        self.requests = Counter("vllm:request_success", "Finished requests by finish reason",
+                                labels + ["finished_reason"], registry=r)
+        self.rejected = Counter("tidal:requests_rejected", "Requests refused by status", labels + ["status"],
                                 registry=r)
-        self.rejected = Counter("tidal:requests_rejected", "Requests refused by status", labels + ["status"], registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests admitted, waiting for a batch slot", labels,
                              registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=r)

@@ -221,7 +221,8 @@ def random_draft_heads(lm_head: torch.Tensor, rank: int, seed: int, noise: float
     g = torch.Generator().manual_seed(seed)
     v, h = lm_head.shape
     return {
-        "diffusion_output_layer.weight": lm_head.detach() + noise * lm_head.detach().std() * torch.randn(v, h, generator=g),
+        "diffusion_output_layer.weight": (lm_head.detach()
+                                          + noise * lm_head.detach().std() * torch.randn(v, h, generator=g)),
         "diffusion_markov_head.w1": torch.randn(v, rank, generator=g),
         "diffusion_markov_head.w2": chain / rank**0.5 * torch.randn(rank, v, generator=g),
     }

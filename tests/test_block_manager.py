@@ -2,9 +2,10 @@
 
 The engine runs a tiny random Qwen3 / ZAYA checkpoint (built here with transformers) on a KV pool of
 only 8-12 blocks of 4 tokens, in AR and TiDAR mode (one- and two-forward), so random workloads hit
-chunked prefill, the running-slot limit, draft KV rollback and preemption. After every operation the test checks that each block is either free or in exactly one
-live request's block table, that reference counts agree, that state slots are conserved, and that no
-request holds more blocks than its computed tokens need. At the end everything must be free again.
+chunked prefill, the running-slot limit, draft KV rollback and preemption. After every operation the test
+checks that each block is either free or in exactly one live request's block table, that reference counts
+agree, that state slots are conserved, and that no request holds more blocks than its computed tokens
+need. At the end everything must be free again.
 
 EngineConfig refuses kv_cache_bytes below 64 KiB, so to get a pool of ~10 blocks the checkpoints use
 head_dim 128 (2 layers x 1 KV head x 4 tokens x 128 x fp32 x K,V = 8 KiB per block); the models are
@@ -73,7 +74,8 @@ MODES = {
     "ar": {},
     "tidar": dict(mode="tidar", tidar=TidarConfig(
         block_size=3, levels=(0, 1, 3), mask_token_id=VOCAB - 1,
-        schedule=(DraftRule(max_batch=2, block_size=3, levels=(0, 1, 3)), DraftRule(max_batch=4, block_size=1, levels=(0,))))),
+        schedule=(DraftRule(max_batch=2, block_size=3, levels=(0, 1, 3)),
+                  DraftRule(max_batch=4, block_size=1, levels=(0,))))),
     "tidar2f": dict(mode="tidar", tidar=TidarConfig(
         block_size=3, levels=(0, 2), mask_token_id=VOCAB - 1, two_forward=True,
         schedule=(DraftRule(max_batch=4, block_size=3, levels=(0, 2)),))),
@@ -294,7 +296,8 @@ ops_strategy = st.lists(st.one_of(add_op, add_op, step_op, step_op, abort_op), m
     drain=st.sampled_from(["complete", "complete", "abort"]),
 )
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_engine_never_leaks_blocks(bm_checkpoints, arch, mode, ops, num_blocks, max_num_seqs, max_num_batched_tokens, drain):
+def test_engine_never_leaks_blocks(bm_checkpoints, arch, mode, ops, num_blocks, max_num_seqs, max_num_batched_tokens,
+                                   drain):
     engine = make_engine(bm_checkpoints[arch], num_blocks, max_num_seqs, max_num_batched_tokens, mode)
     assert engine.max_model_len == num_blocks * BLOCK_SIZE  # the pool, not the model, bounds the context
     all_reqs: dict[str, Request] = {}

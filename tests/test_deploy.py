@@ -66,9 +66,9 @@ def test_examples_are_rendered_output(rendered):
     committed = {p.name: p.read_text() for p in sorted(EXAMPLES.glob("*.yaml")) if p != EXAMPLE_CONFIG}
     assert set(rendered) == set(committed) == {"rayservice.yaml", "serve-config.yaml", "serve-local.yaml"}
     for name, text in rendered.items():
-        assert text == committed[name], (f"deploy/examples/{name} is stale: re-render with "
-                                         f"`tidal {' '.join(RENDER_K8S if name != 'serve-local.yaml' else RENDER_LOCAL)} "
-                                         f"--out deploy/examples`")
+        assert text == committed[name], (
+            f"deploy/examples/{name} is stale: re-render with "
+            f"`tidal {' '.join(RENDER_K8S if name != 'serve-local.yaml' else RENDER_LOCAL)} --out deploy/examples`")
     # the standalone Serve config is the RayService's serveConfigV2
     assert rd.HEADER + manifest()["spec"]["serveConfigV2"] == rendered["serve-config.yaml"]
 
@@ -128,7 +128,8 @@ def test_serve_config_carries_the_typed_config(rendered):
     cfg = ServeConfig.load(str(EXAMPLE_CONFIG))
     confs = serve_configs(rendered)
     k8s = confs["serveConfigV2"]["applications"][0]
-    assert ServeConfig(**k8s["args"]) == ServeConfig(**{**cfg.model_dump(exclude={"autoscaling"}), "http_host": "0.0.0.0"})
+    assert ServeConfig(**k8s["args"]) == ServeConfig(**{**cfg.model_dump(exclude={"autoscaling"}),
+                                                        "http_host": "0.0.0.0"})
     assert k8s["deployments"][0]["autoscaling_config"] == cfg.autoscaling.serve_dict()
     assert k8s["deployments"][0]["graceful_shutdown_timeout_s"] == cfg.autoscaling.drain_timeout_s
     local = confs["serve-local.yaml"]["applications"][0]
@@ -219,7 +220,7 @@ def context(replicas: int, ongoing: float, per_replica: list[tuple[float, float,
     from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
 
     ids = [f"r{i}" for i in range(len(per_replica))]
-    metrics = {name: {r: s[i] for r, s in zip(ids, per_replica)} for i, name in
+    metrics = {name: {r: s[i] for r, s in zip(ids, per_replica, strict=True)} for i, name in
                enumerate(("queue_depth", "running", "kv_usage"))}
     return SimpleNamespace(current_num_replicas=replicas, target_num_replicas=replicas, total_num_requests=ongoing,
                            aggregated_metrics=metrics if per_replica else {}, deployment_name="EngineReplica",
@@ -245,9 +246,8 @@ def test_policy_sizes_by_engine_load():
 
 
 def test_serve_instantiates_the_policy_with_config_kwargs():
-    from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
-
     from ray.serve._private.autoscaling_state import _resolve_policy_callable as resolve
+    from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
     cfg = ServeConfig.load(str(EXAMPLE_CONFIG))
     policy = resolve(RayAutoscalingConfig(**cfg.autoscaling.serve_dict()).policy)
     assert type(policy).__name__ == "EngineLoadPolicy"
@@ -357,6 +357,7 @@ def wait_for(cond, timeout_s: float, what: str, period_s: float = 0.25):
 
 def test_burst_scales_up_then_down_answering_everything(local_app):
     import grpc
+
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
 

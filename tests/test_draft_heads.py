@@ -14,12 +14,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import add_draft_heads, random_draft_heads
-from test_tidar import (  # noqa: F401  (ckpts and stat_ckpt are fixtures)
-    FAMILIES, Ckpt, assert_all_free, chi2_pvalue, ckpts, engine_for, exact_sequence_probs, prompt_of,
-    sample_engine, stat_ckpt, stat_rows, static,
+from test_tidar import (  # noqa: F401  (ckpts, stat_ckpt and stat_rows are fixtures)
+    FAMILIES,
+    Ckpt,
+    assert_all_free,
+    chi2_pvalue,
+    ckpts,
+    engine_for,
+    exact_sequence_probs,
+    prompt_of,
+    sample_engine,
+    stat_ckpt,
+    stat_rows,
+    static,
 )
+
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
 from workers.loader import ModelLoadError
@@ -220,7 +230,8 @@ def test_zaya1_8b_weights_by_name_and_shape_load_into_tidal_with_real_size_heads
         theirs = HFZaya(cfg)
         ours = ZayaForCausalLM(SimpleNamespace(**cfg.to_dict()))
     v, h, r = cfg.vocab_size, cfg.hidden_size, 256
-    heads = {"diffusion_output_layer.weight": (v, h), "diffusion_markov_head.w1": (v, r), "diffusion_markov_head.w2": (r, v)}
+    heads = {"diffusion_output_layer.weight": (v, h), "diffusion_markov_head.w1": (v, r),
+             "diffusion_markov_head.w2": (r, v)}
     with torch.device("meta"):
         ours.add_draft_heads(heads)
     tensors = [(n, torch.empty(t.shape, device="meta")) for n, t in theirs.state_dict().items()]

@@ -32,7 +32,7 @@ def test_cold_start_probes_learn_acceptance_and_switch_to_drafting():
     """Starting from AR, a probe drafts for two steps (one proposes, the next verifies its drafts); when the
     drafts are accepted and the step time says a draft is worth its slots, the policy starts drafting."""
     policy = AdaptivePolicy(TidarConfig(), budget=100_000)
-    step_time = lambda s: 0.005 + 0.0005 * s  # noqa: E731: a 4-slot step costs 1.3 AR steps
+    step_time = lambda s: 0.005 + 0.0005 * s  # a 4-slot step costs 1.3 AR steps
     drafted = None
     for step in range(200):
         rule = policy.choose(1)
@@ -50,7 +50,7 @@ def test_cold_start_probes_learn_acceptance_and_switch_to_drafting():
 
 
 def test_high_acceptance_on_a_memory_bound_machine_drafts_fully_at_batch_1():
-    memory_bound = lambda s: 0.010 + 0.00001 * s  # extra slots almost free  # noqa: E731
+    memory_bound = lambda s: 0.010 + 0.00001 * s  # extra slots almost free
     policy = AdaptivePolicy(TidarConfig(), budget=100_000)
     feed(policy, memory_bound, acceptance=1.0)  # every draft accepted: level 16 keeps K drafts coming
     rule = policy.choose(1)
@@ -81,7 +81,7 @@ def test_cheap_prefill_tokens_do_not_make_drafting_look_cheap():
     """A decode slot returns logits and a prefill token does not, so they cost differently; the policy fits
     both and decides by the decode cost: drafting at batch 1, where it pays, AR at batch 32, where it does
     not. (One line through prefill and decode steps would underrate a slot and keep drafting at 32.)"""
-    cost = lambda rows, other: 0.010 + 0.0005 * rows + 0.00002 * other  # noqa: E731
+    cost = lambda rows, other: 0.010 + 0.0005 * rows + 0.00002 * other
     policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
     for i in range(300):
         if i % 3 == 0:  # a prefill chunk (its last row returns logits) beside the batch's decode rows
@@ -101,7 +101,7 @@ def test_probes_grow_rare_where_drafting_loses_even_when_drafts_are_accepted():
     refresh acceptance (two slow steps each) back off, so they cost under 2% of 2,000 steps; at batch 1 the
     same acceptance still makes the policy draft."""
     policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
-    step_time = lambda s: 0.010 + 0.001 * s  # noqa: E731
+    step_time = lambda s: 0.010 + 0.001 * s
     feed(policy, step_time, acceptance=0.5, k=4)  # varied step sizes: the fit knows the fixed cost
     drafted, probe_steps = None, 0
     for _ in range(2000):

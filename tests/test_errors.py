@@ -390,7 +390,8 @@ def held_blocks(engine: LLMEngine) -> set[int]:
 
 @pytest.mark.parametrize("mode", ["ar", "tidar"])
 def test_abort_mid_generation_frees_blocks_while_the_other_request_completes(model_dir, mode):
-    kw = {"mode": "tidar", "tidar": {"block_size": 2, "levels": (0, 1), "mask_token_id": VOCAB - 1}} if mode == "tidar" else {}
+    kw = ({"mode": "tidar", "tidar": {"block_size": 2, "levels": (0, 1), "mask_token_id": VOCAB - 1}}
+          if mode == "tidar" else {})
     engine = make_engine(model_dir, max_model_len=64, **kw)
     a = engine.add_request(list(range(10, 19)), SamplingParams(max_tokens=40), request_id="a")
     b = engine.add_request([3, 1, 4, 1, 5], SamplingParams(max_tokens=30, temperature=0.8, seed=7), request_id="b")

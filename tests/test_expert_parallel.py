@@ -6,8 +6,8 @@ import time
 import pytest
 import ray
 import torch
-
 from conftest import add_draft_heads, random_draft_heads
+
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
 from workers.model_runner import StepLayout

@@ -34,7 +34,7 @@ def test_batched_generate_matches_transformers(ckpt):
     lengths = [14, 20, 9, 17]
     engine = make_engine(ckpt)
     outs = engine.generate(prompts, [greedy(n) for n in lengths])
-    for prompt, n, out in zip(prompts, lengths, outs):
+    for prompt, n, out in zip(prompts, lengths, outs, strict=False):
         ref = ckpt.greedy(prompt, n)
         assert out.finished and out.finish_reason == "length"
         assert out.prompt_token_ids == prompt
@@ -100,7 +100,7 @@ def test_preemption_under_tiny_kv_pool_matches_transformers(ckpt):
         assert steps < 1000
     preemptions = sum(r.stats.preemptions for r in requests)
     assert preemptions > 0, "the pool was meant to be too small for all requests at once"
-    for rid, prompt in zip(ids, prompts):
+    for rid, prompt in zip(ids, prompts, strict=True):
         assert final[rid].output_token_ids == ckpt.greedy(prompt, n), rid
     # everything was given back
     assert engine.blocks.num_free_blocks == num_blocks

@@ -185,7 +185,7 @@ def test_training_layout_matches_inference_view(s_len, block_len, offset):
     assert lay.logit_rows == list(range(q)) and lay.num_write == 0
     starts = block_starts(s_len, block_len, offset)
     block_of = {}
-    for a, b in zip(starts, starts[1:] + [s_len]):
+    for a, b in zip(starts, starts[1:] + [s_len], strict=True):
         for t in range(a, b):
             block_of[t] = a
     expect = torch.zeros(q, q, dtype=torch.bool)

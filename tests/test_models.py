@@ -155,7 +155,7 @@ def test_mixed_steps_in_several_attention_groups_match_transformers(ckpt, monkey
     groups: list[int] = []
     ours = drive(engine, seqs, steps, groups)
     assert max(groups) >= 3, groups
-    for tokens, logits in zip((a, b, c), ours):
+    for tokens, logits in zip((a, b, c), ours, strict=False):
         assert_logits_match(logits, ckpt.logits(tokens))
 
 
@@ -198,7 +198,8 @@ def test_zaya_skip_expert_is_exercised(checkpoints):
     for name in ("zaya", "zaya_untied"):
         ck = checkpoints[name]
         weights = []
-        hooks = [layer.mlp.gate.register_forward_hook(lambda mod, inp, out: weights.append(out[1].flatten()))
+        hooks = [layer.mlp.gate.register_forward_hook(
+                     lambda mod, inp, out, weights=weights: weights.append(out[1].flatten()))
                  for layer in ck.hf.model.layers]
         try:
             ck.logits(ck.prompt(40, seed=8))

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-import pytest
-
 import grpc_tools  # noqa: F401  (the test extra provides it)
+import pytest
 
 from proto.generate import ROOT, generate  # noqa: E402
 

@@ -23,11 +23,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 import grpc
 import openai
-
+import pytest
 import ray  # noqa: E402
 
 from proto import tidal_pb2 as pb  # noqa: E402
@@ -620,7 +618,7 @@ def test_drain_on_one_ingress_refuses_new_work_on_all(server):
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
             gen = pbg.GenerationStub(channel)
-            for call in (gen.Generate, lambda *a, **k: list(gen.GenerateStream(*a, **k))):
+            for call in (gen.Generate, lambda *a, gen=gen, **k: list(gen.GenerateStream(*a, **k))):
                 with pytest.raises(grpc.RpcError) as e:
                     call(request(PROMPT, 4), metadata=MD, timeout=30)
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
@@ -644,8 +642,8 @@ def test_tidal_serve_api_key_and_sigterm(server, model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--model", model_dir, "--grpc-port", str(grpc_port),
-                             "--http-port", str(http_port), "--api-key", key],
+    proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--model", model_dir,
+                             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--api-key", key],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
     try:

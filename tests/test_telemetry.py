@@ -34,9 +34,8 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
 import grpc
+import pytest
 import ray
 import torch
 from opentelemetry import trace

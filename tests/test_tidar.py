@@ -137,7 +137,7 @@ def ckpts(tmp_path_factory) -> dict[str, Ckpt]:
             hf = _hf_model(family, V, seed, DIMS)
             ck = Ckpt(family, root / family, hf)
             conts = [ck.greedy(prompt_of(n, n), 24) for n in (5, 9)]
-            if all(len(set(c)) >= 3 and sum(a != b for a, b in zip(c, c[1:])) >= 8 for c in conts):
+            if all(len(set(c)) >= 3 and sum(a != b for a, b in zip(c, c[1:], strict=False)) >= 8 for c in conts):
                 break
         else:
             raise AssertionError(f"no varied {family} model found")
@@ -274,10 +274,11 @@ def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     engine = engine_for(ck, kv_cache_bytes=1 << 16, tidar=static(4, (0, 2, 4), two_forward))
     assert engine.blocks.num_blocks == 16
     jobs = [(prompt_of(9, 11), 20), (prompt_of(7, 12), 22), (prompt_of(10, 13), 18), (prompt_of(6, 14), 21)]
-    arrivals = {0: [(p, SamplingParams(max_tokens=n)) for p, n in jobs[:3]], 4: [(jobs[3][0], SamplingParams(max_tokens=jobs[3][1]))]}
+    arrivals = {0: [(p, SamplingParams(max_tokens=n)) for p, n in jobs[:3]],
+                4: [(jobs[3][0], SamplingParams(max_tokens=jobs[3][1]))]}
     done = list(run_with_arrivals(engine, arrivals).values())
     assert sum(req.stats.preemptions for req, _ in done) > 0, "the pool was meant to force preemption"
-    for (req, out), (prompt, n) in zip(sorted(done, key=lambda d: d[0].arrival), jobs):
+    for (_req, out), (prompt, n) in zip(sorted(done, key=lambda d: d[0].arrival), jobs, strict=False):
         assert out.output_token_ids == ck.greedy(prompt, n)
     assert sum(out.stats.get("accepted", 0) for _, out in done) > 0
     assert_all_free(engine)
@@ -291,7 +292,7 @@ def test_greedy_equality_under_the_adaptive_policy(ckpts, family, two_forward):
     engine = engine_for(ck, tidar=dict(block_size=8, levels=(0, 2, 4, 8), two_forward=two_forward))
     jobs = [(prompt_of(5, 31), 24), (prompt_of(9, 32), 19), (prompt_of(4, 33), 30)]
     outs = engine.generate([p for p, _ in jobs], [SamplingParams(max_tokens=n) for _, n in jobs])
-    for (p, n), out in zip(jobs, outs):
+    for (p, n), out in zip(jobs, outs, strict=False):
         assert out.output_token_ids == ck.greedy(p, n)
     assert_all_free(engine)
 
@@ -301,7 +302,7 @@ def test_ar_mode_equals_transformers_and_never_drafts(ckpts):
     engine = engine_for(ck, mode="ar")
     prompts = [prompt_of(5, 21), prompt_of(8, 22)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=15))
-    for p, out in zip(prompts, outs):
+    for p, out in zip(prompts, outs, strict=False):
         assert out.output_token_ids == ck.greedy(p, 15)
         assert "drafted" not in out.stats and out.stats["forwards"] == 15
     assert_all_free(engine)
@@ -391,7 +392,8 @@ INJECT_CASES = [("zaya", 8, (0, 2, 4), False, False), ("zaya", 5, tuple(range(6)
 
 
 @pytest.mark.parametrize("family,k,levels,two_forward,tiny_pool", INJECT_CASES,
-                         ids=[f"{c[0]}-K{c[1]}-{'-'.join(map(str, c[2]))}-{'2f' if c[3] else '1f'}{'-preempt' if c[4] else ''}"
+                         ids=[f"{c[0]}-K{c[1]}-{'-'.join(map(str, c[2]))}-{'2f' if c[3] else '1f'}"
+                              f"{'-preempt' if c[4] else ''}"
                               for c in INJECT_CASES])
 def test_injected_drafts_accept_exactly_and_roll_back(ckpts, family, k, levels, two_forward, tiny_pool):
     """Reference drafts with a corruption at j: exactly j are accepted, the output is transformers'
@@ -410,8 +412,8 @@ def test_injected_drafts_accept_exactly_and_roll_back(ckpts, family, k, levels, 
                          expect=ck.greedy(p, n), reason="length"))
     # a stop token: transformers' generate with that token as EOS is the reference
     p, stop = prompt_with_late_token(ck, 7, 200, 40, late=5)
-    jobs.append(dict(prompt=p, params=SamplingParams(max_tokens=40, stop_token_ids=(stop,)), ref=ck.greedy(p, 40 + k + 1),
-                     arrive=1, expect=ck.greedy(p, 40, eos=stop), reason="stop"))
+    jobs.append(dict(prompt=p, params=SamplingParams(max_tokens=40, stop_token_ids=(stop,)),
+                     ref=ck.greedy(p, 40 + k + 1), arrive=1, expect=ck.greedy(p, 40, eos=stop), reason="stop"))
     assert jobs[-1]["expect"][-1] == stop and len(jobs[-1]["expect"]) >= 7
     res = drive_with_injection(engine, ck, jobs, k, seed=f"{family}-{k}-{levels}-{two_forward}")
     for rid, info in res["reqs"].items():
@@ -491,7 +493,8 @@ def test_eos_inside_an_accepted_block(ckpts, tmp_path):
 
 def chi2_sf(x: float, dof: int) -> float:
     """P(chi2_dof > x) = Q(dof/2, x/2), the regularised upper incomplete gamma function."""
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(x / 2, dtype=torch.float64)))
 
 
 def chi2_pvalue(counts: dict, probs: dict, n: int, min_expected: float = 5.0) -> float:
@@ -691,7 +694,8 @@ def sample_engine(ck: Ckpt, rows: dict | None, n: int, temperature: float, top_p
     engine = LLMEngine(EngineConfig(
         model=ck.path, mode="tidar", block_size=BLOCK, max_num_seqs=64, max_num_batched_tokens=1024,
         kv_cache_bytes=4 << 20,
-        tidar=dict(block_size=2, levels=(0, 1, 2), sampler=sampler, mix_weight=0.25, draft_temperature=draft_temperature,
+        tidar=dict(block_size=2, levels=(0, 1, 2), sampler=sampler, mix_weight=0.25,
+                   draft_temperature=draft_temperature,
                    schedule=(DraftRule(max_batch=64, block_size=2, levels=(0, 1, 2)),))))
     reqs = []
     for i in range(n):
@@ -733,7 +737,8 @@ STAT_CASES = [(1.0, 1.0, 0.0, True), (1.0, 1.0, 1.0, True), (1.0, 0.8, 0.0, True
 
 
 @pytest.mark.parametrize("temperature,top_p,draft_temperature,inject", STAT_CASES,
-                         ids=[f"T{c[0]}-top_p{c[1]}-{'sampled' if c[2] else 'point-mass'}-{'injected' if c[3] else 'natural'}"
+                         ids=[f"T{c[0]}-top_p{c[1]}-{'sampled' if c[2] else 'point-mass'}-"
+                              f"{'injected' if c[3] else 'natural'}"
                               for c in STAT_CASES])
 def test_lossless_end_to_end_matches_exact_distribution(stat_ckpt, stat_rows, temperature, top_p, draft_temperature,
                                                         inject):
@@ -779,7 +784,8 @@ def test_mask_token_resolution(ckpts, tmp_path):
     with pytest.raises(InvalidRequest, match="--mask-token-id"):
         LLMEngine(EngineConfig(model=str(bare), mode="tidar"))
     # the override makes it run, and greedy output is still transformers'
-    engine = LLMEngine(EngineConfig(model=str(bare), mode="tidar", tidar=dict(mask_token_id=3, block_size=4, levels=(0, 2))))
+    engine = LLMEngine(EngineConfig(model=str(bare), mode="tidar",
+                                    tidar=dict(mask_token_id=3, block_size=4, levels=(0, 2))))
     assert engine.mask_token_id == 3
     p = prompt_of(5, 500)
     [out] = engine.generate([p], SamplingParams(max_tokens=10))

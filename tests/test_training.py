@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from training import batches, distill, losses, optim, pipeline, train
+from training.export import write_model_dir
+from training.model import build_model, make_config
 from training.windows import WindowSampler
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
-from training.export import write_model_dir
-from training.model import build_model, make_config
 
 SPECIAL = {"<pad>": 256, "<bos>": 257, "<eos>": 258, "<mask>": 259}  # bench.random_model.byte_tokenizer ids
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
@@ -99,7 +99,7 @@ def test_cca_conv_equals_torch_conv1d_forward_and_backward():
         params = [proj.conv_qk_depthwise.weight, proj.conv_qk_depthwise.bias, proj.conv_qk_grouped.weight,
                   proj.conv_qk_grouped.bias]
         grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params))
-    for g_mine, g_stock in zip(*grads):
+    for g_mine, g_stock in zip(*grads, strict=True):
         torch.testing.assert_close(g_mine, g_stock, atol=1e-5, rtol=1e-4)
 
 
@@ -142,7 +142,8 @@ def test_export_loads_in_our_engine_and_in_transformers_with_the_same_logits(tmp
     tidar = LLMEngine(EngineConfig(model=str(out), mode="tidar", kv_cache_bytes=1 << 20))
     assert tidar.mask_token_id == SPECIAL["<mask>"]
     greedy = SamplingParams(max_tokens=12, ignore_eos=True)
-    assert tidar.generate([ids[:10]], greedy)[0].output_token_ids == engine.generate([ids[:10]], greedy)[0].output_token_ids
+    assert (tidar.generate([ids[:10]], greedy)[0].output_token_ids
+            == engine.generate([ids[:10]], greedy)[0].output_token_ids)
 
 
 TINY_RUN = ["--max-files", "4", "--vocab-size", "300", "--arch", json.dumps(TINY), "--seq-len", "32",
@@ -194,7 +195,8 @@ def test_distill_batches_train_drafts_on_the_models_text_and_ar_rows_on_real_cod
         return bool(stream.unfold(0, len(ids), 1).eq(torch.tensor(ids)).all(1).any())
 
     def greedy_tail(prompt: list[int]) -> list[int]:
-        return engine.generate([prompt], SamplingParams(max_tokens=33 - len(prompt), ignore_eos=True))[0].output_token_ids
+        params = SamplingParams(max_tokens=33 - len(prompt), ignore_eos=True)
+        return engine.generate([prompt], params)[0].output_token_ids
 
     for row in seqs.tolist():  # some prompt length in [S/4, 3S/4] is a stream slice followed by greedy text
         assert any(in_stream(row[:n]) and row[:n] + greedy_tail(row[:n]) == row for n in range(8, 25))

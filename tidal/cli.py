@@ -1,4 +1,5 @@
-"""`tidal` command line: generate (offline), serve (gRPC + HTTP on Ray Serve), client (gRPC), deploy render (KubeRay)."""
+"""`tidal` command line: generate (offline), serve (gRPC + HTTP on Ray Serve), client (gRPC), deploy render
+(KubeRay)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fixed-drafting", action="store_true",
                    help="draft K tokens with all the levels every step (default: adapt K and levels to measured "
                         "acceptance and step cost, down to AR)")
-    g.add_argument("--ep", type=int, default=1, help="expert-parallel worker actors on a local Ray (default 1: in-process)")
+    g.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel worker actors on a local Ray (default 1: in-process)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     sv = sub.add_parser("serve", help="serve gRPC and OpenAI-style HTTP on a local (or given) Ray cluster")
     sv.add_argument("--model", help="HF-format model directory (default: shipped model)")
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="deploy_command", required=True)
     r = dsub.add_parser("render", help="render the RayService (or with --local a CPU Serve config) from a ServeConfig")
     r.add_argument("--config", help="YAML/JSON ServeConfig file (default: the shipped model on one GPU per replica)")
-    r.add_argument("--model", help="override engine.model (a path on the models volume; a local directory with --local)")
+    r.add_argument("--model",
+                   help="override engine.model (a path on the models volume; a local directory with --local)")
     r.add_argument("--image", help="container image of the Ray pods (build it from deploy/Dockerfile)")
     r.add_argument("--name", help="RayService name (default tidal)")
     r.add_argument("--namespace")
@@ -225,7 +228,8 @@ def cmd_generate(args) -> int:
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-        tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels, two_forward=args.two_forward or None,
+        tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels,
+                                        two_forward=args.two_forward or None,
                                         sampler=args.sampler, mix_weight=args.mix_weight,
                                         draft_temperature=args.draft_temperature,
                                         mask_token_id=args.mask_token_id).items() if v is not None}
@@ -249,14 +253,15 @@ def cmd_generate(args) -> int:
     else:
         print(text if engine.tokenizer is not None else " ".join(map(str, out.output_token_ids)))
         s = out.stats
-        print(f"[{s['generated_tokens']} tokens, {s['forwards']} forwards, {s['tokens_per_forward']:.2f} tokens/forward, "
-              f"finish: {out.finish_reason}]", file=sys.stderr)
+        print(f"[{s['generated_tokens']} tokens, {s['forwards']} forwards, "
+              f"{s['tokens_per_forward']:.2f} tokens/forward, finish: {out.finish_reason}]", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"generate": cmd_generate, "serve": cmd_serve, "client": cmd_client, "deploy": cmd_deploy}[args.command](args)
+    commands = {"generate": cmd_generate, "serve": cmd_serve, "client": cmd_client, "deploy": cmd_deploy}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ class LoadBalancer:
     def update(self) -> list[list[float]]:
         """Apply one bias update from the counts since the last call; returns each layer's load fractions."""
         loads = []
-        for router, counts in zip(self.routers, self.counts):
+        for router, counts in zip(self.routers, self.counts, strict=True):
             real = counts[:-1]
             total = counts.sum().clamp_min(1)
             loads.append((counts / total).tolist())

@@ -55,7 +55,8 @@ def tidar_batch(seqs: torch.Tensor, block_len: int, mask_token_id: int, offsets:
     `chain_block_len` (dspark_block_len), as drafting does at inference (workers/draft_chain.py)."""
     b, s1 = seqs.shape
     s = s1 - 1
-    layouts = [training_layout(row[:s].tolist(), block_len, mask_token_id, offset=o) for row, o in zip(seqs, offsets)]
+    layouts = [training_layout(row[:s].tolist(), block_len, mask_token_id, offset=o)
+               for row, o in zip(seqs, offsets, strict=False)]
     meta, ids, pos, rows = build_inputs(layouts, [0] * b, [[]] * b, list(range(b)), block_size=16, device="cpu")
     # rows are all 2S slots per sequence in order: [clean 0..S-1, masked 0..S-1]
     targets = torch.cat([seqs[:, 1:], seqs[:, :s]], dim=1)  # [B, 2S]

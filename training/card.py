@@ -39,8 +39,8 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
         f"# {Path(out).name if out else 'zaya-code-tiny'}",
         "",
         "A tiny ZAYA1 (`model_type: zaya`, `ZayaForCausalLM`) code model trained from scratch on CPU by Tidal's",
-        f"`training` package: AR pretraining, then TiDAR block-diffusion conversion, then self-distillation of the",
-        f"drafts (the same objective; half of each batch is the model's own greedy text, whose AR rows are left",
+        "`training` package: AR pretraining, then TiDAR block-diffusion conversion, then self-distillation of the",
+        "drafts (the same objective; half of each batch is the model's own greedy text, whose AR rows are left",
         f"out so the AR model learns from real code only). This export: **{this}**.",
         "It exists to exercise the serving stack (drafting, verification, acceptance), not to write useful code.",
         "",
@@ -58,13 +58,14 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
         + ", ".join(f"`{k}` = {v}" for k, v in t["special"].items()) + ".",
         "",
         "## Model",
-        f"{m['params']:,} parameters ({m['params'] * 4 / 1e6:.1f} MB fp32), about {m['active_params']:,} active per token. "
-        f"hidden {m['config']['hidden_size']}, {m['config']['num_hidden_layers']} layers, "
+        f"{m['params']:,} parameters ({m['params'] * 4 / 1e6:.1f} MB fp32), about {m['active_params']:,} active "
+        f"per token. hidden {m['config']['hidden_size']}, {m['config']['num_hidden_layers']} layers, "
         f"{m['config']['num_attention_heads']} query / {m['config']['num_key_value_heads']} KV heads of "
         f"{m['config']['head_dim']}, CCA attention, top-1 MoE over {m['config']['num_experts']} SwiGLU experts "
-        f"(intermediate {m['config']['moe_intermediate_size']}) + skip, router hidden {m['config']['router_hidden_size']}, "
-        f"tied embeddings, partial RoPE (half the head, theta 1e4), max positions "
-        f"{m['config']['max_position_embeddings']}. `mask_token_id` = {t['special']['<mask>']}, `tidar_block_size` = 16.",
+        f"(intermediate {m['config']['moe_intermediate_size']}) + skip, router hidden "
+        f"{m['config']['router_hidden_size']}, tied embeddings, partial RoPE (half the head, theta 1e4), max positions "
+        f"{m['config']['max_position_embeddings']}. `mask_token_id` = {t['special']['<mask>']}, "
+        "`tidar_block_size` = 16.",
         f"Initialisation as transformers' ZAYA except `qk_norm.temp` = {m['qk_temp_init']} (transformers uses 0, which "
         "zeroes every key). Expert load is balanced by updating the real experts' `balancing_biases` (no aux loss).",
         "",
@@ -118,10 +119,10 @@ def continued_card(s: dict) -> str:
     rank = plan.get("markov_rank")
     lines = [base, "", "## Continued training: chained draft heads (this export)", "",
              f"Continued from `{plan['init_from']}` (the model described above) with one phase, "
-             f"{'finished' if done.get('done') else 'not finished'}: more TiDAR conversion and self-distillation in one "
-             f"objective, on sequences of {plan['seq_len']} tokens (batch {plan['batch_size']}): {p['share']:.0%} of each "
-             f"batch from {p['sequences']:,} fresh greedy continuations written by that model (diffusion rows only), "
-             "the rest real train-split windows (both objectives)."]
+             f"{'finished' if done.get('done') else 'not finished'}: more TiDAR conversion and self-distillation in "
+             f"one objective, on sequences of {plan['seq_len']} tokens (batch {plan['batch_size']}): {p['share']:.0%} "
+             f"of each batch from {p['sequences']:,} fresh greedy continuations written by that model (diffusion rows "
+             "only), the rest real train-split windows (both objectives)."]
     if rank:
         lines += ["", f"Zyphra's checkpoint-only draft heads were added and trained in the same loss: "
                   f"`diffusion_output_layer.weight` [V, H] (started as a copy of the LM head) and a rank-{rank} Markov "

@@ -27,7 +27,8 @@ def generate(model_dir: Path, stream: torch.Tensor, count: int, seq_len: int, se
     from workers.config import EngineConfig, SamplingParams  # the serving engine writes the data
     from workers.engine import LLMEngine
 
-    done = torch.load(path, weights_only=True) if Path(path).is_file() else torch.zeros(0, seq_len + 1, dtype=torch.long)
+    done = (torch.load(path, weights_only=True) if Path(path).is_file()
+            else torch.zeros(0, seq_len + 1, dtype=torch.long))
     if len(done) >= count:
         return done[:count]
     g = torch.Generator().manual_seed(seed)

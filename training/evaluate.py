@@ -45,8 +45,12 @@ def evaluate(model, windows: torch.Tensor, block_len: int, mask_token_id: int, b
         nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(b, 2, s)
         pred = logits.argmax(-1)  # [B, 2, S]
         ok = pred == targets
-        ar_nll += nll[:, 0].sum().item(); ar_ok += ok[:, 0].sum().item(); ar_n += b * s
-        d_nll += nll[:, 1].sum().item(); d_ok += ok[:, 1].sum().item(); d_n += b * s
+        ar_nll += nll[:, 0].sum().item()
+        ar_ok += ok[:, 0].sum().item()
+        ar_n += b * s
+        d_nll += nll[:, 1].sum().item()
+        d_ok += ok[:, 1].sum().item()
+        d_n += b * s
         for j, o in enumerate(offsets):
             for start in range(o, s - block_len + 1, block_len):  # full blocks only
                 slot_ok += ok[j, 1, start : start + block_len].float()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from training import checkpoint, data, distill, evaluate, export, model as zmodel, optim, tokenizer, train
+from training import checkpoint, data, distill, evaluate, export, optim, tokenizer, train
+from training import model as zmodel
 from training.windows import WindowSampler, eval_windows
 from workers.loader import iter_weights, weight_shapes
 
@@ -44,11 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path, help="run directory (created; resumed when it exists)")
     ap.add_argument("--hours", type=float, default=None,
                     help=f"scale the default phase budgets to about this many hours (default {DEFAULT_HOURS})")
-    ap.add_argument("--ar-tokens", type=int, default=None, help=f"AR pretraining tokens (default {DEFAULT_AR_TOKENS:,})")
+    ap.add_argument("--ar-tokens", type=int, default=None,
+                    help=f"AR pretraining tokens (default {DEFAULT_AR_TOKENS:,})")
     ap.add_argument("--tidar-tokens", type=int, default=None,
                     help=f"TiDAR conversion clean tokens (default {DEFAULT_TIDAR_TOKENS:,})")
     ap.add_argument("--distill-tokens", type=int, default=None,
-                    help=f"self-distillation clean tokens, half of them the model's own text (default {DEFAULT_DISTILL_TOKENS:,})")
+                    help="self-distillation clean tokens, half of them the model's own text "
+                         f"(default {DEFAULT_DISTILL_TOKENS:,})")
     ap.add_argument("--distill-seqs", type=int, default=None,
                     help=f"greedy continuations generated for it (default {DEFAULT_DISTILL_SEQS})")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -59,14 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--qk-temp", type=float, default=zmodel.QK_TEMP_INIT, help="initial qk_norm.temp (transformers: 0)")
     ap.add_argument("--balance-rate", type=float, default=5e-3, help="expert balancing-bias step per optimizer step")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--arch", type=json.loads, default={}, help='JSON overrides of model.DEFAULT_ARCH, e.g. {"hidden_size": 128}')
+    ap.add_argument("--arch", type=json.loads, default={},
+                    help='JSON overrides of model.DEFAULT_ARCH, e.g. {"hidden_size": 128}')
     ap.add_argument("--max-files", type=int, default=None, help="use only the first N train / held-out files (tests)")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of the phase-end evaluations")
     ap.add_argument("--eval-every", type=int, default=250, help="steps between small held-out evaluations (0: never)")
     ap.add_argument("--checkpoint-minutes", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared: 1 is fastest)")
     ap.add_argument("--export-dir", default="models/zaya-code-tiny",
-                    help="where the finished model is exported ('' to skip; the run dir's final-export/ is always written)")
+                    help="where the finished model is exported ('' to skip; the run dir's final-export/ is "
+                         "always written)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="continue this exported model (tokenizer, config, weights): one distill phase")
     ap.add_argument("--markov-rank", type=int, default=None,
@@ -86,7 +91,8 @@ def prepare_data(run: Path, args) -> dict:
     if not (run / "train_files.txt").is_file():
         corpus = data.find_corpus()
         if args.max_files:
-            corpus.train, corpus.heldout = corpus.train[: args.max_files], corpus.heldout[: max(2, args.max_files // 10)]
+            corpus.train, corpus.heldout = (corpus.train[: args.max_files],
+                                            corpus.heldout[: max(2, args.max_files // 10)])
         data.write_lists(corpus, run)
     corpus = data.read_lists(run)
     if not (run / "tokenizer.json").is_file():
@@ -122,7 +128,8 @@ def make_plan(run: Path, args) -> dict:
         return json.loads(path.read_text())
     scale = (args.hours or DEFAULT_HOURS) / DEFAULT_HOURS
     plan = {
-        "seed": args.seed, "seq_len": args.seq_len, "batch_size": args.batch_size, "block_len": export.TIDAR_BLOCK_SIZE + 1,
+        "seed": args.seed, "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "block_len": export.TIDAR_BLOCK_SIZE + 1,
         "alpha": 1.0, "grad_clip": 1.0, "weight_decay": 0.1, "final_lr_ratio": 0.1, "balance_rate": args.balance_rate,
         "qk_temp": args.qk_temp,
         "checkpoint_minutes": args.checkpoint_minutes, "eval_every": args.eval_every, "eval_windows": args.eval_windows,
@@ -208,7 +215,8 @@ def main(argv=None) -> int:
     small_eval = eval_windows(streams["heldout"], plan["seq_len"], plan["eval_small_windows"])
     print(f"model: {summary['model']['params']:,} parameters ({summary['model']['params'] * 4 / 1e6:.1f} MB fp32); "
           f"train {summary['data']['train_tokens']:,} tokens; plan: " +
-          ", ".join(f"{p['name']} {p['tokens']:,} tokens / {train.phase_steps(p, plan)} steps" for p in plan["phases"]) +
+          ", ".join(f"{p['name']} {p['tokens']:,} tokens / {train.phase_steps(p, plan)} steps"
+                    for p in plan["phases"]) +
           (f"; resuming at phase {state.phase} step {state.step}" if ckpt else ""), flush=True)
 
     def on_signal(signum, frame):
@@ -230,7 +238,8 @@ def _train(run: Path, args, plan: dict, summary: dict, model, state, ckpt, full_
     streams = summary["streams"]
 
     if not any(p["name"] == "init" for p in summary["phases"]) and state.phase == 0 and state.step == 0:
-        summary["phases"].append({"name": "init", "eval": evaluate.evaluate(model, full_eval, plan["block_len"], mask_id)})
+        summary["phases"].append({"name": "init",
+                                  "eval": evaluate.evaluate(model, full_eval, plan["block_len"], mask_id)})
         write_summary(run, summary)
 
     while state.phase < len(plan["phases"]):

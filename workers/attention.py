@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
 # Fixed per-layer work of one more attention group (index_select, gathers, SDPA, copies), in attention
 # cells (query rows x key columns) of padded work it must save to pay for itself.
 GROUP_OVERHEAD_CELLS = 4096

@@ -34,7 +34,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
 
     @classmethod
-    def make(cls, **kwargs) -> "SamplingParams":
+    def make(cls, **kwargs) -> SamplingParams:
         """Build from untrusted input; raise InvalidRequest with a one-line message."""
         try:
             return cls(**{k: v for k, v in kwargs.items() if v is not None})
@@ -56,7 +56,7 @@ class DraftRule(BaseModel):
     levels: tuple[int, ...]
 
     @model_validator(mode="after")
-    def _levels(self) -> "DraftRule":
+    def _levels(self) -> DraftRule:
         if 0 not in self.levels:
             raise ValueError("levels must contain 0 (without it acceptance collapses)")
         if any(not 0 <= p <= self.block_size for p in self.levels) or len(set(self.levels)) != len(self.levels):
@@ -80,7 +80,7 @@ class TidarConfig(BaseModel):
         None, description="static drafting by batch size; default: adaptive (measured acceptance and step cost)")
 
     @model_validator(mode="after")
-    def _levels(self) -> "TidarConfig":
+    def _levels(self) -> TidarConfig:
         DraftRule(max_batch=1, block_size=self.block_size, levels=self.levels)
         return self
 
@@ -106,7 +106,7 @@ class EngineConfig(BaseModel):
     worker_timeout_s: float = Field(60.0, gt=0, description="a step or collective slower than this fails the group")
 
     @classmethod
-    def make(cls, **kwargs) -> "EngineConfig":
+    def make(cls, **kwargs) -> EngineConfig:
         try:
             return cls(**{k: v for k, v in kwargs.items() if v is not None})
         except ValidationError as e:

@@ -67,8 +67,9 @@ def walk(items: list[DraftInput], chain: DraftChain | None, temperature: float
             chained[:, k] = z
             prev = z.argmax(dim=-1)
             if sampled:  # each request draws only for its own slots, so its RNG stream ignores the batch
-                prev = torch.tensor([draft(z[i : i + 1], temperature, it.generator)[0] if k < lengths[i] else int(prev[i])
-                                     for i, it in enumerate(items)], dtype=torch.long, device=dev)
+                prev = torch.tensor([draft(z[i : i + 1], temperature, it.generator)[0] if k < lengths[i]
+                                     else int(prev[i]) for i, it in enumerate(items)],
+                                    dtype=torch.long, device=dev)
             tokens[:, k] = prev
     drafted = tokens.tolist()
     return [(drafted[i][: lengths[i]], chained[i, : lengths[i]]) for i in range(b)]

@@ -183,7 +183,7 @@ def solve(sums: list[list[float]], features: tuple[int, ...]) -> list[float] | N
         for r in range(n):
             if r != col:
                 f = a[r][col] / a[col][col]
-                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
     return [a[i][n] / a[i][i] for i in range(n)]
 
 

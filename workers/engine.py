@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from workers import tidar
 from workers.attention import KVCache
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
@@ -21,7 +22,6 @@ from workers.draft_policy import make_policy
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
 from workers.request import Request, RequestOutput, Status, StepRecord, generate_all, prompt_token_ids
-from workers import tidar
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
 
@@ -54,7 +54,8 @@ class LLMEngine:
                                             head_dim_of(c), dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 2:
-            raise InvalidRequest(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks of {per_block} bytes")
+            raise InvalidRequest(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks "
+                                 f"of {per_block} bytes")
         model_len = getattr(c, "max_position_embeddings", 1 << 30)
         # one request alone must always fit in the pool, or preemption could never make progress
         self.max_model_len = min(config.max_model_len or model_len, model_len, num_blocks * config.block_size)
@@ -144,15 +145,15 @@ class LLMEngine:
         logits = self._forward(batch, layouts)
         best = self._greedy_argmax(batch, layouts, logits)
         outcomes, row = [], 0
-        for s, lay in zip(batch, layouts):
+        for s, lay in zip(batch, layouts, strict=True):
             n = len(lay.logit_rows)
             outcomes.append(tidar.accept(s, logits[row : row + n], self.config.tidar, best.get(s.request.request_id))
                             if s.samples else None)
             row += n
-        self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes)])
+        self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes, strict=True)])
 
         outputs, redraft, proposals = [], [], []
-        for s, o in zip(batch, outcomes):
+        for s, o in zip(batch, outcomes, strict=True):
             req = s.request
             if o is None:
                 req.num_computed_tokens += s.num_tokens
@@ -178,7 +179,7 @@ class LLMEngine:
         """Greedy verification needs only the argmax of each verify row: one call for the whole batch.
         Returns request id -> argmax of its verify rows (greedy requests only)."""
         rows, spans, row = [], {}, 0
-        for s, lay in zip(batch, layouts):
+        for s, lay in zip(batch, layouts, strict=True):
             verify = len(lay.logit_rows) - lay.num_draft_rows
             if s.samples and s.request.params.greedy:
                 spans[s.request.request_id] = (len(rows), len(rows) + verify)
@@ -206,11 +207,12 @@ class LLMEngine:
         layouts = [tidar.draft_pass_layout(s, self.mask_token_id) for s in batch]
         logits = self._forward(batch, layouts)
         row, proposals = 0, []
-        for s, lay in zip(batch, layouts):
+        for s, lay in zip(batch, layouts, strict=True):
             req = s.request
             # [new anchor at position num_computed_tokens, its K + 1 mask slots]: drafts from slot 0
             rows = logits[row + 1 : row + len(lay.logit_rows)][: s.block_len - 1]
-            proposals.append((s, DraftInput(rows, req.output_token_ids[-1], req.num_computed_tokens + 1, req.generator)))
+            proposals.append((s, DraftInput(rows, req.output_token_ids[-1], req.num_computed_tokens + 1,
+                                            req.generator)))
             row += len(lay.logit_rows)
             req.stats.forwards += 1
         tidar.set_drafts(proposals, self.runner.draft_chain, self.config.tidar)
@@ -223,7 +225,8 @@ class LLMEngine:
             kept.append(t)
             if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_token_ids):
                 reason = "stop"
-            elif len(req.output_token_ids) + len(kept) >= p.max_tokens or req.num_tokens + len(kept) >= self.max_model_len:
+            elif (len(req.output_token_ids) + len(kept) >= p.max_tokens
+                  or req.num_tokens + len(kept) >= self.max_model_len):
                 reason = "length"
             if reason:
                 break

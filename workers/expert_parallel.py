@@ -42,7 +42,7 @@ class ShardedExperts(Experts):
 
 def shard_experts(model: nn.Module, rank: int, world_size: int) -> None:
     """Replace every Experts module of `model` by this rank's share."""
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is Experts:
                 setattr(module, child_name, ShardedExperts(child, rank, world_size))

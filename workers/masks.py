@@ -62,7 +62,7 @@ def training_layout(tokens: list[int], block_len: int, mask_token_id: int, offse
     mask = torch.zeros(q, q, dtype=torch.bool)
     mask[:s_len, :s_len] = torch.ones(s_len, s_len, dtype=torch.bool).tril()
     parent = list(range(-1, s_len - 1))
-    for start, end in zip(starts, starts[1:] + [s_len]):
+    for start, end in zip(starts, starts[1:] + [s_len], strict=True):
         lo, hi = s_len + start, s_len + end
         mask[lo:hi, :start] = True
         mask[lo:hi, lo:hi] = True

@@ -42,7 +42,7 @@ class StepLayout:
     num_draft_rows: int = 0
 
     @staticmethod
-    def causal(token_ids: list[int], start: int, want_logits: bool) -> "StepLayout":
+    def causal(token_ids: list[int], start: int, want_logits: bool) -> StepLayout:
         q = len(token_ids)
         return StepLayout(token_ids, list(range(start, start + q)), list(range(-1, q - 1)), q,
                           [q - 1] if want_logits else [])
@@ -159,7 +159,7 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
         mask[~query_valid] = True  # padding rows attend to everything: finite, and their output is dropped
         return AttentionGroup(query_index, query_valid, key_blocks, mask[:, None])
 
-    plan = plan_groups(q_lens, [(p + s) * bs for p, s in zip(past_n, scratch_n)])
+    plan = plan_groups(q_lens, [(p + s) * bs for p, s in zip(past_n, scratch_n, strict=False)])
     groups = [group(members) for members in plan]
     order = None
     if len(plan) > 1:  # concatenated group outputs back to flat order

@@ -37,7 +37,7 @@ def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams 
     plist = params if isinstance(params, list) else [params] * len(prompts)
     ids: list[str] = []
     try:
-        for p, sp in zip(prompts, plist):
+        for p, sp in zip(prompts, plist, strict=False):
             ids.append(engine.add_request(p, sp))
     except InvalidRequest:
         for i in ids:  # don't leave the valid prompts running with no one to collect them
@@ -91,7 +91,8 @@ class RequestStats:
             out.update(
                 drafted=self.drafted,
                 accepted=self.accepted,
-                acceptance_by_position=[a / o for a, o in zip(self.accepted_by_position, self.offered_by_position)],
+                acceptance_by_position=[a / o for a, o in zip(self.accepted_by_position, self.offered_by_position,
+                                                              strict=True)],
                 mean_acceptance_length=1 + self.accepted / self.verify_steps if self.verify_steps else 1.0,
                 levels_chosen={str(k): v for k, v in sorted(self.levels_chosen.items())},
             )

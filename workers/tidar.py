@@ -91,5 +91,5 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
 def set_drafts(batch: list[tuple[Scheduled, DraftInput]], chain: DraftChain | None, cfg: TidarConfig) -> None:
     """Draft each request's next tokens from its kept proposal slots (chained when the model has a Markov
     head), all requests of the step at once."""
-    for (s, _), (drafts, rows) in zip(batch, walk([p for _, p in batch], chain, cfg.draft_temperature)):
+    for (s, _), (drafts, rows) in zip(batch, walk([p for _, p in batch], chain, cfg.draft_temperature), strict=True):
         s.request.drafts, s.request.draft_logits = drafts, rows

@@ -75,7 +75,7 @@ def check_supported(config: EngineConfig, hf_cfg, on_cpu: bool) -> None:
 class _SchedulerView:
     """What the router reads from `engine.scheduler`: the waiting and running requests."""
 
-    def __init__(self, engine: "VllmEngine"):
+    def __init__(self, engine: VllmEngine):
         self._engine = engine
 
     @property
@@ -167,7 +167,8 @@ class VllmEngine:
         try:
             return VllmLLMEngine.from_engine_args(EngineArgs(**kwargs), stat_loggers=[LoadStats])
         except (ValueError, RuntimeError, TypeError) as e:
-            raise VllmStartError(f"vLLM failed to start: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+            raise VllmStartError(
+                f"vLLM failed to start: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
 
     # ---- requests (validated exactly as the native engine does) ------------------------------------
 

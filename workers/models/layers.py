@@ -32,7 +32,7 @@ class LinearGroup:
         self.frozen = None
         weight, bias = (t.detach() if t is not None else None for t in self.weights())
         weight = as_input_major(weight) if input_major else weight
-        for i, (layer, w) in enumerate(zip(self.layers, weight.split(self.sizes))):
+        for i, (layer, w) in enumerate(zip(self.layers, weight.split(self.sizes), strict=True)):
             layer.weight.data = w
             if bias is not None:
                 layer.bias.data = bias.split(self.sizes)[i]
@@ -96,10 +96,12 @@ class Rotary(nn.Module):
         self.rotary_dim = int(head_dim * partial_factor)
         self.theta = theta
         # plain attributes, not buffers: inv_freq must stay fp32 when the model moves to bf16
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device="cpu") / self.rotary_dim))
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device="cpu")
+                                         / self.rotary_dim))
         half, r = self.rotary_dim // 2, self.rotary_dim
         cpu = dict(device="cpu")  # models are built on the meta device; this table is not a weight
-        self.perm = torch.cat([torch.arange(half, r, **cpu), torch.arange(half, **cpu), torch.arange(r, head_dim, **cpu)])
+        self.perm = torch.cat([torch.arange(half, r, **cpu), torch.arange(half, **cpu),
+                               torch.arange(r, head_dim, **cpu)])
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, shared: dict | None = None):
         # positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]. `shared`: the step's per-layer cache (tables once)

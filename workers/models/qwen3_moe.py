@@ -41,7 +41,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def make_mlp(self, layer: int) -> nn.Module:
         cfg = self.cfg
-        num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts")
+        num_experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
         step = getattr(cfg, "decoder_sparse_step", 1)
         if layer in (getattr(cfg, "mlp_only_layers", None) or []) or num_experts == 0 or (layer + 1) % step:
             return SwiGLU(cfg.hidden_size, cfg.intermediate_size)

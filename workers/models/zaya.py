@@ -172,7 +172,8 @@ class ZayaResidualScaling(nn.Module):
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # residual stays fp32; the sum promotes to fp32
-        return (h + self.hidden_states_bias) * self.hidden_states_scale + (residual + self.residual_bias) * self.residual_scale
+        return ((h + self.hidden_states_bias) * self.hidden_states_scale
+                + (residual + self.residual_bias) * self.residual_scale)
 
 
 class ZayaRouterMLP(nn.Module):

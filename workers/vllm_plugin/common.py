@@ -15,8 +15,8 @@ from torch import nn
 
 from workers.loader import weight_shapes
 from workers.models import load_weights as load_model_weights
-from workers.models.layers import prepare_for_inference
 from workers.models.draft_heads import DraftHeads
+from workers.models.layers import prepare_for_inference
 
 
 def check_parallel(vllm_config) -> None:

@@ -51,7 +51,7 @@ class TidarShape:
         return {"block_size": self.block_size, "levels": list(self.levels), "mask_token_id": self.mask_token_id}
 
     @classmethod
-    def of(cls, hf_config) -> "TidarShape | None":
+    def of(cls, hf_config) -> TidarShape | None:
         d = getattr(hf_config, "tidal_tidar", None)
         if not d:
             return None
@@ -61,7 +61,8 @@ class TidarShape:
 # ---- engine configuration (main process; no GPU needed) -------------------------------------------------
 
 def resolve_mask_token(hf_cfg, tidar: TidarConfig) -> int:
-    from workers.tidar import MASK_TOKEN_ATTRS, resolve_mask_token as native_resolve
+    from workers.tidar import MASK_TOKEN_ATTRS
+    from workers.tidar import resolve_mask_token as native_resolve
 
     m = native_resolve(hf_cfg, tidar.mask_token_id)
     if m is None:

@@ -20,13 +20,12 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
 from workers.models.layers import RMSNorm
 from workers.models.zaya import ZayaAttention, ZayaResidualScaling, ZayaSparseMoeBlock
 from workers.vllm_plugin.common import TidalVllmModel, check_parallel, join, make_attention
-
-from vllm.model_executor.layers.mamba.abstract import MambaBase
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 
 
 def _cca_backend():
