@@ -29,7 +29,8 @@ import torch
 
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
-from workers.model_runner import DTYPES, ModelRunner, StepLayout
+from workers.layout import StepLayout
+from workers.model_runner import DTYPES, ModelRunner
 
 ZAYA1_WIDTH = dict(hidden_size=2048, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
                    moe_intermediate_size=2048, num_experts=16, router_hidden_size=256, vocab_size=262272)

@@ -21,12 +21,12 @@ import ray
 from opentelemetry import trace
 
 from router import telemetry
-from router.errors import Draining, Overloaded
+from router.errors import Overloaded
 from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.async_engine import AsyncEngine
+from workers.backends import create_engine
 from workers.config import EngineConfig, SamplingParams
-from workers.vllm_backend import create_engine
 
 
 class EngineReplica:
@@ -37,7 +37,6 @@ class EngineReplica:
         self.async_engine = AsyncEngine(self.engine)
         self.max_queued = max_queued
         self.stream_interval_s = stream_interval_ms / 1000
-        self.draining = False
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
         self._report_task = None
@@ -46,9 +45,7 @@ class EngineReplica:
         """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
         first and the last at once; the request's totals ride on the last event only."""
         self._ensure_reporter()
-        if self.draining:
-            raise Draining("this replica is draining; retry on another")
-        if len(self.engine.scheduler.waiting) >= self.max_queued:
+        if self.engine.load().waiting >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = SamplingParams.make(**request.sampling)
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
@@ -109,9 +106,9 @@ class EngineReplica:
             t["verify_steps"] += 1
 
     def stats(self) -> dict:
-        sched = self.engine.scheduler
-        return {"queue_depth": len(sched.waiting), "running": len(sched.running), "kv_usage": self.engine.kv_usage(),
-                "steps": self.engine.num_steps, **self.totals}
+        load = self.engine.load()
+        return {"queue_depth": load.waiting, "running": load.running, "kv_usage": load.kv_usage, "steps": load.steps,
+                **self.totals}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every metrics interval; router/autoscaling.py sizes the deployment from it."""
@@ -119,21 +116,11 @@ class EngineReplica:
         return {k: float(stats[k]) for k in ("queue_depth", "running", "kv_usage")}
 
     def model_info(self) -> dict:
-        c, hf = self.config, self.engine.hf_config
+        c, info = self.config, self.engine.info
         rule = c.tidar
-        return {"architecture": hf.architectures[0], "vocab_size": hf.vocab_size,
-                "max_model_len": self.engine.max_model_len, "mode": c.mode, "block_size": rule.block_size,
-                "levels": list(rule.levels), "sampler": rule.sampler, "expert_parallel": c.ep_size,
-                "eos_token_ids": sorted(self.engine.eos_token_ids)}
-
-    async def drain(self, timeout_s: float = 60.0) -> int:
-        """Refuse new work; wait (bounded) for in-flight requests to finish. Returns how many were in flight."""
-        self.draining = True
-        in_flight = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.engine.has_unfinished() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        return in_flight
+        return {"architecture": info.architecture, "vocab_size": info.vocab_size, "max_model_len": info.max_model_len,
+                "mode": c.mode, "block_size": rule.block_size, "levels": list(rule.levels), "sampler": rule.sampler,
+                "expert_parallel": c.ep_size, "eos_token_ids": list(info.eos_token_ids)}
 
     def _ensure_reporter(self) -> None:
         # the board is a Ray actor: outside Ray (a replica used in process) there is nowhere to report, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from workers.backends import EngineStartError
 from workers.config import InvalidRequest
 from workers.loader import ModelLoadError
 
@@ -34,6 +35,7 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, int]:
         (Draining, (grpc.StatusCode.UNAVAILABLE, 503)),
         (Unauthenticated, (grpc.StatusCode.UNAUTHENTICATED, 401)),
         (EngineFailure, (grpc.StatusCode.UNAVAILABLE, 503)),
+        (EngineStartError, (grpc.StatusCode.UNAVAILABLE, 503)),
     ):
         if isinstance(cause, kind) or isinstance(err, kind):
             return codes

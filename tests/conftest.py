@@ -10,13 +10,21 @@ Families (each a different checkpoint shape; both ZAYA ones route some tokens to
   qwen3       Qwen3 dense, untied
   qwen3_tied  Qwen3 dense, tie_word_embeddings=True
   qwen3_moe   Qwen3-MoE top-2 of 4 experts, layer 1 dense (mlp_only_layers), sharded save
+
+Shared helpers (imported by test modules with `from conftest import ...`): `make_engine`, `assert_engine_idle`,
+`free_port` and `wait_ready`. They import workers/ and proto/ only when called, so importing this file loads
+neither.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -29,6 +37,9 @@ from transformers import (
     ZayaConfig,
     ZayaForCausalLM,
 )
+
+if TYPE_CHECKING:
+    from workers.engine import LLMEngine
 
 FAMILIES = ("zaya", "zaya_untied", "qwen3", "qwen3_tied", "qwen3_moe")
 
@@ -226,3 +237,58 @@ def random_draft_heads(lm_head: torch.Tensor, rank: int, seed: int, noise: float
         "diffusion_markov_head.w1": torch.randn(v, rank, generator=g),
         "diffusion_markov_head.w2": chain / rank**0.5 * torch.randn(rank, v, generator=g),
     }
+
+
+# ---- engines -------------------------------------------------------------------------------------------
+
+
+def make_engine(model, **config) -> LLMEngine:
+    """`LLMEngine(EngineConfig(model=..., **config))` for a Checkpoint (anything with `.path`) or a path.
+    Modules bind their own defaults with `functools.partial(make_engine, ...)`; callers can override them."""
+    from workers.config import EngineConfig
+    from workers.engine import LLMEngine
+
+    path = model if isinstance(model, str | os.PathLike) else model.path
+    return LLMEngine(EngineConfig(model=str(path), **config))
+
+
+def assert_engine_idle(engine: LLMEngine) -> None:
+    """Nothing left to run and nothing held: no unfinished work, no request known to the engine, every KV
+    block free exactly once with reference count 0, every recurrent-state slot free."""
+    bm = engine.blocks
+    assert not engine.has_unfinished()
+    assert not engine.requests
+    assert bm.num_free_blocks == bm.num_blocks
+    assert sorted(bm.free_blocks) == list(range(bm.num_blocks))
+    assert all(c == 0 for c in bm.ref_counts)
+    assert sorted(bm.free_state_slots) == list(range(engine.config.max_num_seqs))
+
+
+# ---- servers -------------------------------------------------------------------------------------------
+
+READY_PROMPT = "Hello tidal"  # text: the served test models have a (byte-level) tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(gen, metadata, timeout_s: float, alive=lambda: True) -> None:
+    """Poll `gen` (a proto GenerationStub) with a 1-token Generate until the server answers; `alive()` false
+    (the server process exited) or `timeout_s` passed fails the test."""
+    import grpc
+
+    from proto import tidal_pb2 as pb
+
+    req = pb.GenerateRequest(text=READY_PROMPT, sampling=pb.SamplingParams(max_tokens=1, ignore_eos=True))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            gen.Generate(req, metadata=metadata, timeout=20)
+            return
+        except grpc.RpcError as e:
+            assert alive(), "the server exited while starting"
+            assert time.monotonic() < deadline, f"server not ready after {timeout_s} s: {e.code()} {e.details()}"
+            time.sleep(1.0)

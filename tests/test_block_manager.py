@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_engine_idle
+from conftest import make_engine as conftest_make_engine
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
 
 from workers.block_manager import BlockManager
-from workers.config import DraftRule, EngineConfig, SamplingParams, TidarConfig
+from workers.config import DraftRule, SamplingParams, TidarConfig
 from workers.engine import LLMEngine
 from workers.request import Request, Status
 
@@ -86,9 +88,9 @@ MODES = {
 
 def make_engine(model_dir: str, num_blocks: int = 10, max_num_seqs: int = 3,
                 max_num_batched_tokens: int = 16, mode: str = "ar") -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=num_blocks * BYTES_PER_BLOCK,
-                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                    **MODES[mode]))
+    engine = conftest_make_engine(model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=num_blocks * BYTES_PER_BLOCK,
+                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  **MODES[mode])
     assert engine.blocks.num_blocks == num_blocks
     return engine
 
@@ -144,15 +146,6 @@ def check_invariants(engine: LLMEngine, finished: list[Request] = ()) -> None:
     # finished (completed or aborted) requests hold nothing
     for r in finished:
         assert r.finished and r.block_table == [] and r.state_slot == -1
-
-
-def check_all_free(engine: LLMEngine) -> None:
-    bm = engine.blocks
-    assert not engine.has_unfinished() and not engine.requests
-    assert bm.num_free_blocks == bm.num_blocks
-    assert sorted(bm.free_blocks) == list(range(bm.num_blocks))
-    assert all(c == 0 for c in bm.ref_counts)
-    assert sorted(bm.free_state_slots) == list(range(engine.config.max_num_seqs))
 
 
 # ---- plain BlockManager unit tests ---------------------------------------------------------------
@@ -354,7 +347,7 @@ def test_engine_never_leaks_blocks(bm_checkpoints, arch, mode, ops, num_blocks, 
             check_invariants(engine, [r for r in all_reqs.values() if r.finished])
         assert not engine.has_unfinished(), "the engine stopped making progress"
 
-    check_all_free(engine)
+    assert_engine_idle(engine)
     preemptions = sum(r.stats.preemptions for r in all_reqs.values())
     event(f"preempted: {preemptions > 0}")
     target(float(preemptions), label="preemptions")  # steer generation toward memory pressure
@@ -386,7 +379,7 @@ def test_preemption_happens_and_leaks_nothing(bm_checkpoints, arch, mode):
             if o.finished:
                 outs[o.request_id] = o
         check_invariants(engine, [r for r in reqs if r.finished])
-    check_all_free(engine)
+    assert_engine_idle(engine)
     assert sum(r.stats.preemptions for r in reqs) > 0
     assert [len(outs[i].output_token_ids) for i in ids] == [18] * 4
 
@@ -408,4 +401,4 @@ def test_preempted_greedy_request_matches_an_unpreempted_run(bm_checkpoints, arc
                 outs[o.request_id] = o
     assert sum(r.stats.preemptions for r in reqs) > 0
     assert [outs[i].output_token_ids for i in ids] == alone
-    check_all_free(engine)
+    assert_engine_idle(engine)

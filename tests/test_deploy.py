@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from conftest import free_port
 
 from deploy import render as rd
 from router.autoscaling import EngineLoadPolicy
@@ -258,12 +258,6 @@ def test_serve_instantiates_the_policy_with_config_kwargs():
 
 MAX_NUM_SEQS = 2
 SHORT, LONG = 200, 3000  # tokens: burst requests, and streams that outlive the scale-down
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import add_draft_heads, random_draft_heads
+from conftest import add_draft_heads, assert_engine_idle, random_draft_heads
 from test_tidar import (  # noqa: F401  (ckpts, stat_ckpt and stat_rows are fixtures)
     FAMILIES,
     Ckpt,
-    assert_all_free,
     chi2_pvalue,
     ckpts,
     engine_for,
@@ -91,7 +90,7 @@ def test_greedy_with_chained_heads_equals_transformers(chained, family, k, level
     outs = engine.generate(prompts, SamplingParams(max_tokens=22))
     assert [o.output_token_ids for o in outs] == [ck.greedy(p, 22) for p in prompts]
     assert sum(o.stats["accepted"] for o in outs) > 0, "no draft accepted: the comparison would be vacuous"
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 # ---- the heads are what drafts -------------------------------------------------------------------------------
@@ -247,14 +246,14 @@ def test_shipped_model_directory_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from router.openai_api import ChatRequest
-    from workers.model_runner import StepLayout
+    from workers.layout import StepLayout
 
     model_dir = Path(__file__).resolve().parents[1] / "models" / "zaya-code-tiny"
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_bytes=1 << 20))
     text = "def fib(n):\n    if n < 2:\n        return n\n"
     ids = tok(text).input_ids
-    assert ids == engine.encode(text) and tok.decode(ids) == text
+    assert ids == engine.tokenizer.encode(text).ids and tok.decode(ids) == text
     assert tok.eos_token_id == engine.hf_config.eos_token_id and tok.mask_token_id == engine.mask_token_id
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_engine_idle
+from conftest import make_engine as conftest_make_engine
 from safetensors.torch import load_file, save_file
 
+from workers.backends import EngineStartError
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.engine import LLMEngine
 from workers.loader import ModelLoadError
@@ -40,9 +44,7 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
-def make_engine(model_dir, **kw) -> LLMEngine:
-    kw = {"block_size": 4, "max_model_len": MAX_MODEL_LEN, **kw}
-    return LLMEngine(EngineConfig(model=str(model_dir), **kw))
+make_engine = partial(conftest_make_engine, block_size=4, max_model_len=MAX_MODEL_LEN)
 
 
 @pytest.fixture
@@ -50,20 +52,12 @@ def engine(model_dir) -> LLMEngine:
     return make_engine(model_dir)
 
 
-def assert_idle(engine: LLMEngine) -> None:
-    assert not engine.has_unfinished()
-    assert not engine.requests
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert all(c == 0 for c in engine.blocks.ref_counts)
-    assert len(engine.blocks.free_state_slots) == engine.config.max_num_seqs
-
-
 def assert_still_serves(engine: LLMEngine) -> None:
     """A valid request completes with its full length, and the engine is left with nothing held."""
-    assert_idle(engine)
+    assert_engine_idle(engine)
     out = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5))[0]
     assert out.finished and out.finish_reason == "length" and len(out.output_token_ids) == 5
-    assert_idle(engine)
+    assert_engine_idle(engine)
 
 
 # ---- sampling parameters ---------------------------------------------------------------------------
@@ -130,7 +124,7 @@ def test_bad_engine_config_names_the_field(kwargs, field):
 
 def test_kv_pool_too_small_for_two_blocks(model_dir):
     # 64 KiB of KV, but 2 layers x 1 kv head x 16 dims x fp32 x 512-token blocks = 128 KiB per block
-    with pytest.raises(InvalidRequest, match="fewer than 2 KV blocks"):
+    with pytest.raises(EngineStartError, match="fewer than 2 KV blocks"):
         make_engine(model_dir, block_size=512, kv_cache_bytes=1 << 16)
 
 
@@ -320,7 +314,7 @@ def test_bad_prompt_is_refused_and_the_engine_keeps_serving(engine, prompt, word
     engine.generate([[2]], SamplingParams(max_tokens=1))
     while engine.has_unfinished():
         engine.step()
-    assert_idle(engine)
+    assert_engine_idle(engine)
 
 
 def test_prompt_at_the_context_limit(engine):
@@ -329,7 +323,7 @@ def test_prompt_at_the_context_limit(engine):
     assert out.finish_reason == "length" and len(out.output_token_ids) == 1
     out = engine.generate([list(range(MAX_MODEL_LEN - 4))], SamplingParams(max_tokens=10))[0]
     assert len(out.output_token_ids) == 4 and len(out.prompt_token_ids) + 4 == MAX_MODEL_LEN
-    assert_idle(engine)
+    assert_engine_idle(engine)
 
 
 def test_tiny_temperature_does_not_break_the_step(engine):
@@ -371,7 +365,7 @@ def test_duplicate_request_id_is_refused(engine):
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.finished]
     assert [(o.request_id, o.prompt_token_ids, len(o.output_token_ids)) for o in outs] == [("dup", [1, 2, 3], 5)]
-    assert_idle(engine)
+    assert_engine_idle(engine)
     # once finished the id is free again
     engine.add_request([7, 8], SamplingParams(max_tokens=2), request_id="dup")
     with pytest.raises(InvalidRequest):

@@ -10,7 +10,7 @@ from conftest import add_draft_heads, random_draft_heads
 
 from workers.config import EngineConfig, SamplingParams
 from workers.engine import LLMEngine
-from workers.model_runner import StepLayout
+from workers.layout import StepLayout
 
 
 def _save(model, path, mask_token_id):

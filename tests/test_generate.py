@@ -3,17 +3,17 @@ equals transformers' `generate(do_sample=False)`, token for token."""
 
 from __future__ import annotations
 
-from workers.config import EngineConfig, SamplingParams
-from workers.engine import LLMEngine
+from functools import partial
+
+from conftest import make_engine as conftest_make_engine
+
+from workers.config import SamplingParams
 
 BLOCK = 4
 MIN_DISTINCT = 5  # a reference with fewer distinct tokens would make the comparison weak
 
 
-def make_engine(ckpt, **kw) -> LLMEngine:
-    kw.setdefault("kv_cache_bytes", 1 << 20)
-    kw.setdefault("max_num_batched_tokens", 16)
-    return LLMEngine(EngineConfig(model=ckpt.path, block_size=BLOCK, **kw))
+make_engine = partial(conftest_make_engine, block_size=BLOCK, kv_cache_bytes=1 << 20, max_num_batched_tokens=16)
 
 
 def greedy(n: int) -> SamplingParams:

@@ -15,8 +15,8 @@ import itertools
 import pytest
 import torch
 
+from workers.layout import build_inputs
 from workers.masks import step_layout, training_layout
-from workers.model_runner import build_inputs
 
 MASK = 99
 

@@ -9,20 +9,22 @@ transformers' full-sequence forward of the same tokens.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from conftest import make_engine as conftest_make_engine
 from transformers import AutoModelForCausalLM
 
-from workers.config import EngineConfig, SamplingParams
+from workers.config import SamplingParams
 from workers.engine import LLMEngine
-from workers.model_runner import StepLayout
+from workers.layout import StepLayout
 
 BLOCK = 4
 ATOL = 1e-4  # fp32 against fp32: observed differences are ~1e-5 at logit scale ~10
 
 
-def make_engine(ckpt, **kw) -> LLMEngine:
-    kw.setdefault("kv_cache_bytes", 1 << 16)  # >= 21 blocks of 4 tokens for every family
-    return LLMEngine(EngineConfig(model=ckpt.path, block_size=BLOCK, **kw))
+# kv_cache_bytes: >= 21 blocks of 4 tokens for every family
+make_engine = partial(conftest_make_engine, block_size=BLOCK, kv_cache_bytes=1 << 16)
 
 
 def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]],

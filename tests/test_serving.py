@@ -27,6 +27,7 @@ import grpc
 import openai
 import pytest
 import ray  # noqa: E402
+from conftest import free_port, wait_ready
 
 from proto import tidal_pb2 as pb  # noqa: E402
 from proto import tidal_pb2_grpc as pbg  # noqa: E402
@@ -40,12 +41,6 @@ MAX_NUM_SEQS, MAX_QUEUED, MAX_ONGOING = 2, 4, 6
 MAX_MODEL_LEN = 4096  # make_zaya's max_position_embeddings; the KV pool below holds 2 such requests
 LONG = 4000  # tokens: a stream that would run for many seconds unless it is aborted
 INGRESSES, CONNECTION_AGE_S = 2, 0.5  # ingress replicas; gRPC connections recycled this often
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request(prompt, max_tokens: int, **kw) -> pb.GenerateRequest:
@@ -126,18 +121,6 @@ def fresh_channel(server) -> grpc.Channel:
 def grpc_ingress(call_or_error) -> str:
     """The ingress replica that answered a call (the tidal-ingress trailing metadata)."""
     return dict(call_or_error.trailing_metadata())["tidal-ingress"]
-
-
-def wait_ready(gen: pbg.GenerationStub, metadata, timeout_s: float, alive=lambda: True) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            gen.Generate(request(PROMPT, 1), metadata=metadata, timeout=20)
-            return
-        except grpc.RpcError as e:
-            assert alive(), "the server exited while starting"
-            assert time.monotonic() < deadline, f"server not ready after {timeout_s} s: {e.code()} {e.details()}"
-            time.sleep(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,6 +37,7 @@ import grpc
 import pytest
 import ray
 import torch
+from conftest import free_port, wait_ready
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsv
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsv_grpc
@@ -71,12 +71,6 @@ V, MASK_ID = 8, 7
 TIDAR = dict(block_size=4, levels=[0, 2, 4], schedule=[dict(max_batch=64, block_size=4, levels=[0, 2, 4])])
 TINY_PROMPT = [1, 4, 2, 5, 3]
 TINY_TOKENS = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def attrs(span) -> dict:
@@ -357,18 +351,6 @@ def gen_request(prompt, max_tokens: int) -> pb.GenerateRequest:
     return req
 
 
-def wait_ready(gen: pbg.GenerationStub, timeout_s: float, alive) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            gen.Generate(gen_request(PROMPT, 1), metadata=MD, timeout=20)
-            return
-        except grpc.RpcError as e:
-            assert alive(), "the server exited while starting"
-            assert time.monotonic() < deadline, f"server not ready after {timeout_s} s: {e.code()} {e.details()}"
-            time.sleep(1.0)
-
-
 class Served:
     def __init__(self, proc, log_path: Path, grpc_port: int, http_port: int):
         self.proc, self.log_path = proc, log_path
@@ -400,7 +382,7 @@ def served(tmp_path_factory, otlp_grpc):
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     srv = Served(proc, log_path, grpc_port, http_port)
     try:
-        wait_ready(srv.gen, timeout_s=180, alive=lambda: proc.poll() is None)
+        wait_ready(srv.gen, MD, timeout_s=180, alive=lambda: proc.poll() is None)
         yield srv
         srv.channel.close()
         proc.send_signal(signal.SIGTERM)

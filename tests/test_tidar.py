@@ -23,10 +23,12 @@ import json
 import math
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_engine_idle, make_engine
 from transformers import (
     GenerationConfig,
     Qwen3Config,
@@ -37,9 +39,10 @@ from transformers import (
     ZayaForCausalLM,
 )
 
+from workers.backends import EngineStartError
 from workers.config import DraftRule, EngineConfig, InvalidRequest, SamplingParams, TidarConfig
 from workers.engine import LLMEngine
-from workers.model_runner import StepLayout
+from workers.layout import StepLayout
 from workers.request import Status
 from workers.sampler import verify
 from workers.tidar import resolve_mask_token
@@ -157,16 +160,7 @@ def static(k: int, levels: tuple[int, ...], two_forward: bool = False, fallback:
     return dict(block_size=k, levels=levels, two_forward=two_forward, schedule=tuple(rules), **kw)
 
 
-def engine_for(ck: Ckpt, mode="tidar", **kw) -> LLMEngine:
-    kw.setdefault("kv_cache_bytes", 1 << 20)
-    return LLMEngine(EngineConfig(model=ck.path, mode=mode, block_size=BLOCK, **kw))
-
-
-def assert_all_free(engine: LLMEngine) -> None:
-    assert not engine.has_unfinished()
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    assert sorted(engine.blocks.free_state_slots) == list(range(engine.config.max_num_seqs))
-    assert all(c == 0 for c in engine.blocks.ref_counts)
+engine_for = partial(make_engine, mode="tidar", block_size=BLOCK, kv_cache_bytes=1 << 20)
 
 
 def check_rollback(engine: LLMEngine, req, ck: Ckpt) -> None:
@@ -250,7 +244,7 @@ def test_greedy_tidar_equals_transformers_generate(ckpts, family, k, levels, two
         else:
             assert len(out.output_token_ids) == 9 and out.finish_reason == "length"
     assert accepted > 0, "no draft was ever accepted: the comparison would be vacuous"
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 def test_seeded_sampled_request_is_the_same_alone_and_in_a_greedy_batch(ckpts):
@@ -281,7 +275,7 @@ def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     for (_req, out), (prompt, n) in zip(sorted(done, key=lambda d: d[0].arrival), jobs, strict=False):
         assert out.output_token_ids == ck.greedy(prompt, n)
     assert sum(out.stats.get("accepted", 0) for _, out in done) > 0
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 @pytest.mark.parametrize("family,two_forward", [("zaya", False), ("qwen3_moe", True)])
@@ -294,7 +288,30 @@ def test_greedy_equality_under_the_adaptive_policy(ckpts, family, two_forward):
     outs = engine.generate([p for p, _ in jobs], [SamplingParams(max_tokens=n) for _, n in jobs])
     for (p, n), out in zip(jobs, outs, strict=False):
         assert out.output_token_ids == ck.greedy(p, n)
-    assert_all_free(engine)
+    assert_engine_idle(engine)
+
+
+def test_a_waiting_prompt_keeps_half_the_step_from_drafting(ckpts):
+    """Drafting may not take the whole step budget while a prompt waits: with 128 tokens a step, K = 8 at
+    levels (0, 4, 8) (36 slots per request, 72 for the two requests) would leave the 100-token prompt 92
+    and prefill it over two steps; with half the budget kept for it, the schedule falls back to K = 2 and the
+    whole prompt goes in the step it arrives, its tokens still transformers' greedy ones."""
+    ck = ckpts["zaya"]
+    rules = (DraftRule(max_batch=64, block_size=8, levels=(0, 4, 8)),
+             DraftRule(max_batch=64, block_size=2, levels=(0,)))
+    engine = engine_for(ck, max_num_batched_tokens=128, tidar=dict(block_size=8, levels=(0, 4, 8), schedule=rules))
+    first, late = prompt_of(6, 41), prompt_of(100, 42)
+    engine.add_request(first, SamplingParams(max_tokens=40))
+    for _ in range(3):
+        engine.step()  # the first request decodes, drafting at K = 8
+    assert engine.scheduler.draft_rule(1, 128).block_size == 8
+    b = engine.add_request(late, SamplingParams(max_tokens=8))
+    batch = engine.scheduler.schedule()
+    assert [(s.request.request_id, s.num_tokens) for s in batch if s.request.request_id == b] == [(b, 100)]
+    assert all(s.num_drafts <= 2 for s in batch)
+    engine = engine_for(ck, max_num_batched_tokens=128, tidar=dict(block_size=8, levels=(0, 4, 8), schedule=rules))
+    outs = engine.generate([first, late], [SamplingParams(max_tokens=40), SamplingParams(max_tokens=8)])
+    assert [o.output_token_ids for o in outs] == [ck.greedy(first, 40), ck.greedy(late, 8)]
 
 
 def test_ar_mode_equals_transformers_and_never_drafts(ckpts):
@@ -305,7 +322,7 @@ def test_ar_mode_equals_transformers_and_never_drafts(ckpts):
     for p, out in zip(prompts, outs, strict=False):
         assert out.output_token_ids == ck.greedy(p, 15)
         assert "drafted" not in out.stats and out.stats["forwards"] == 15
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 # ---- 1b/4. injected drafts: long accepted runs, mid-block stops, rollback at every n -------------------
@@ -424,7 +441,7 @@ def test_injected_drafts_accept_exactly_and_roll_back(ckpts, family, k, levels, 
     assert res["seen_n"] == set(range(k + 1)), res["seen_n"]
     if tiny_pool:
         assert sum(info["req"].stats.preemptions for info in res["reqs"].values()) > 0
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 def test_unsorted_levels_pick_the_largest_level_not_above_n(ckpts):
@@ -485,7 +502,7 @@ def test_eos_inside_an_accepted_block(ckpts, tmp_path):
     assert 1 <= len(last) < k + 1 and last[-1] == eos, last
     assert reqs[rid].stats.accepted_by_position[-1] > 0  # some step accepted all K drafts
     assert finals[rid2].output_token_ids == cont and finals[rid2].finish_reason == "length"
-    assert_all_free(engine)
+    assert_engine_idle(engine)
 
 
 # ---- 2. the lossless sampler is exact (statistics) ---------------------------------------------------
@@ -728,7 +745,7 @@ def sample_engine(ck: Ckpt, rows: dict | None, n: int, temperature: float, top_p
         key = tuple(final[req.request_id].output_token_ids)
         assert len(key) == STAT_LEN
         counts[key] = counts.get(key, 0) + 1
-    assert_all_free(engine)
+    assert_engine_idle(engine)
     return counts, sum(r.stats.accepted for r in reqs), sum(r.stats.drafted for r in reqs)
 
 
@@ -781,7 +798,7 @@ def test_mask_token_resolution(ckpts, tmp_path):
     cfg.pop("mask_token_id")
     (bare / "config.json").write_text(json.dumps(cfg))
 
-    with pytest.raises(InvalidRequest, match="--mask-token-id"):
+    with pytest.raises(EngineStartError, match="--mask-token-id"):
         LLMEngine(EngineConfig(model=str(bare), mode="tidar"))
     # the override makes it run, and greedy output is still transformers'
     engine = LLMEngine(EngineConfig(model=str(bare), mode="tidar",
@@ -794,7 +811,7 @@ def test_mask_token_resolution(ckpts, tmp_path):
     [out] = LLMEngine(EngineConfig(model=str(bare), mode="ar")).generate([p], SamplingParams(max_tokens=10))
     assert out.output_token_ids == ck.greedy(p, 10)
     # an id outside the vocabulary is refused
-    with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+    with pytest.raises(EngineStartError, match="outside the vocabulary"):
         LLMEngine(EngineConfig(model=str(bare), mode="tidar", tidar=dict(mask_token_id=V)))
 
 

@@ -109,7 +109,7 @@ def test_export_loads_in_our_engine_and_in_transformers_with_the_same_logits(tmp
     from bench.random_model import byte_tokenizer
     from workers.config import EngineConfig, SamplingParams
     from workers.engine import LLMEngine
-    from workers.model_runner import StepLayout
+    from workers.layout import StepLayout
 
     config, model = tiny_model()
     with torch.no_grad():  # real experts' balancing biases are trained too: make sure they survive the export
@@ -244,8 +244,8 @@ def test_training_rows_are_the_chained_rows_the_engine_drafts_from(tmp_path):
     """Masked row t of a training block = the engine's proposal row for position t (draft head) plus the
     Markov bias of the clean token at t - 1, or of token 0 where t is a multiple of dspark_block_len (16);
     the clean rows are the engine's AR rows."""
+    from workers.layout import StepLayout
     from workers.masks import step_layout
-    from workers.model_runner import StepLayout
 
     model, out = chained_model(tmp_path)
     seq = windows(1, 40, seed=7)

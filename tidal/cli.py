@@ -217,14 +217,11 @@ def cmd_client(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from workers.backends import EngineStartError, create_engine
     from workers.config import EngineConfig, InvalidRequest, SamplingParams, TidarConfig
-    from workers.loader import ModelLoadError
+    from workers.loader import ModelLoadError, load_tokenizer
 
-    if args.backend == "vllm":
-        from workers.vllm_backend import create_engine
-    else:
-        from workers.engine import LLMEngine as create_engine
-
+    engine = None
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -243,15 +240,19 @@ def cmd_generate(args) -> int:
                                                  ep_size=args.ep, backend=args.backend))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]
-    except (InvalidRequest, ModelLoadError) as e:
+        tokenizer = load_tokenizer(args.model)
+    except (InvalidRequest, ModelLoadError, EngineStartError) as e:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
-    text = engine.decode(out.output_token_ids)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    text = tokenizer.decode(out.output_token_ids) if tokenizer is not None else ""
     if args.json:
         print(json.dumps({"text": text, "token_ids": out.output_token_ids, "prompt_token_ids": out.prompt_token_ids,
                           "finish_reason": out.finish_reason, "stats": out.stats}))
     else:
-        print(text if engine.tokenizer is not None else " ".join(map(str, out.output_token_ids)))
+        print(text if tokenizer is not None else " ".join(map(str, out.output_token_ids)))
         s = out.stats
         print(f"[{s['generated_tokens']} tokens, {s['forwards']} forwards, "
               f"{s['tokens_per_forward']:.2f} tokens/forward, finish: {out.finish_reason}]", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Model inputs of one training batch, built with the engine's own layout code.
 
 `workers.masks.training_layout` (TiDAR) and `StepLayout` (AR) define masks, positions and CCA branches;
-`workers.model_runner.build_inputs` flattens them exactly as at inference. Nothing here re-implements them.
+`workers.layout.build_inputs` flattens them exactly as at inference. Nothing here re-implements them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from workers.attention import AttentionMetadata, KVCache
 from workers.draft_chain import reset_prev
+from workers.layout import StepLayout, build_inputs
 from workers.masks import training_layout
-from workers.model_runner import StepLayout, build_inputs
 
 
 @dataclass

@@ -89,7 +89,7 @@ def model_card(run_dir: Path, which: str, out: Path | None = None) -> str:
                      if done else f"| {p['name']} | {obj} | (not run) | {p['tokens']:,} planned | {p['lr']} | - | - |")
     lines += ["", "Mask layout: `workers.masks.training_layout` (clean copy causal, masked copy in blocks that see the "
               "clean prefix before the block and themselves, random block phase per sequence), flattened by "
-              "`workers.model_runner.build_inputs`: the same code that builds inference steps.", ""]
+              "`workers.layout.build_inputs`: the same code that builds inference steps.", ""]
     if evals:
         n = next(iter(evals.values())).get("tokens")
         lines += [f"## Held-out results ({n:,} held-out tokens, sequences of {plan['seq_len']})", ""]

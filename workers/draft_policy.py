@@ -51,9 +51,10 @@ class StaticSchedule:
     def __init__(self, rules: tuple[DraftRule, ...], budget: int, two_forward: bool = False):
         self.rules, self.budget, self.two_forward = rules, budget, two_forward
 
-    def choose(self, batch: int) -> DraftRule | None:
+    def choose(self, batch: int, budget: int | None = None) -> DraftRule | None:
+        budget = self.budget if budget is None else budget
         for rule in self.rules:
-            if batch <= rule.max_batch and batch * slots(rule, self.two_forward) <= self.budget:
+            if batch <= rule.max_batch and batch * slots(rule, self.two_forward) <= budget:
                 return rule
         return None
 
@@ -117,25 +118,29 @@ class AdaptivePolicy:
             reach *= self.accept[n] if n < k else 0.0
         return total
 
-    def explain(self, batch: int) -> list[dict]:
-        """Expected tokens per second (in units of the fitted step time) for every candidate."""
+    def explain(self, batch: int, budget: int | None = None) -> list[dict]:
+        """Expected tokens per second (in units of the fitted step time) for every candidate that fits."""
+        budget = self.budget if budget is None else budget
         rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0,
                  "tokens_per_time": batch / max(self.step_time(batch), 1e-12)}]
         for c in self.candidates:
-            if batch * slots(c, self.two_forward) > self.budget:
+            if batch * slots(c, self.two_forward) > budget:
                 continue
             e = self.expected_tokens(self.expected_drafts(c))
             rows.append({"block_size": c.block_size, "levels": list(c.levels), "expected_tokens": e,
                          "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12)})
         return rows
 
-    def choose(self, batch: int) -> DraftRule | None:
-        fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= self.budget]
+    def choose(self, batch: int, budget: int | None = None) -> DraftRule | None:
+        """The layout for a step of `batch` decoding requests whose drafting may use `budget` token slots
+        (default: the whole step budget)."""
+        budget = self.budget if budget is None else budget
+        fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= budget]
         if self.probe_left and fits:  # a probe drafts for two steps: one proposes, the next verifies
             self.probe_left -= 1
             return fits[-1]
         self.exploring, self.probe_left = False, 0
-        rows = self.explain(batch)
+        rows = self.explain(batch, budget)
         best = max(rows, key=lambda r: r["tokens_per_time"])
         if best["block_size"] == 0:
             self.since_tidar += 1

@@ -1,4 +1,4 @@
-"""The native engine: add_request / step / abort, and a blocking generate.
+"""The native engine (workers.backends.Engine): add_request / step / abort, and a blocking generate.
 
 A step reads schedule -> run -> postprocess, as in nano-vllm.
 """
@@ -9,19 +9,22 @@ import itertools
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from workers import tidar
 from workers.attention import KVCache
+from workers.backends import EngineInfo, EngineLoad, EngineStartError
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.draft_chain import DraftInput
 from workers.draft_policy import make_policy
+from workers.layout import StepLayout
 from workers.loader import load_hf_config, load_tokenizer
-from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, StepLayout, head_dim_of
-from workers.request import Request, RequestOutput, Status, StepRecord, generate_all, prompt_token_ids
+from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, head_dim_of
+from workers.request import Request, RequestOutput, StepRecord, generate_all, prompt_token_ids
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
 
@@ -40,6 +43,14 @@ def eos_token_ids(model_dir: str, hf_cfg) -> set[int]:
     return ids
 
 
+@dataclass
+class StepSize:
+    """What one step fed the model, for the drafting policy's cost fit."""
+
+    slots: int = 0  # token slots over the step's forwards
+    logit_rows: int = 0  # of them, rows that returned logits
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -54,7 +65,7 @@ class LLMEngine:
                                             head_dim_of(c), dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 2:
-            raise InvalidRequest(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks "
+            raise EngineStartError(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks "
                                  f"of {per_block} bytes")
         model_len = getattr(c, "max_position_embeddings", 1 << 30)
         # one request alone must always fit in the pool, or preemption could never make progress
@@ -62,11 +73,12 @@ class LLMEngine:
 
         self.mask_token_id = tidar.resolve_mask_token(c, config.tidar.mask_token_id)
         if config.mode == "tidar" and self.mask_token_id is None:
-            raise InvalidRequest(
+            raise EngineStartError(
                 f"tidar mode needs a mask token, and {config.model}/config.json names none "
                 f"(looked for {', '.join(tidar.MASK_TOKEN_ATTRS)}); add one there or pass --mask-token-id")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < c.vocab_size:
-            raise InvalidRequest(f"mask token id {self.mask_token_id} is outside the vocabulary (size {c.vocab_size})")
+            raise EngineStartError(f"mask token id {self.mask_token_id} is outside the vocabulary "
+                                   f"(size {c.vocab_size})")
         self.policy = make_policy(config) if config.mode == "tidar" else None
         self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -84,11 +96,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.num_steps = 0
+        self.info = EngineInfo(c.architectures[0], c.vocab_size, self.max_model_len, tuple(sorted(self.eos_token_ids)))
 
     # ---- requests -------------------------------------------------------------------------------
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return prompt_token_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
@@ -125,10 +135,10 @@ class LLMEngine:
             return []
         self.num_steps += 1
         try:
-            outputs = self._run(batch)
+            outputs, size = self._run(batch)
             if self.policy is not None:  # the whole step's cost: drafting adds work outside the forward too
                 verifies = [(o.step.drafted, o.step.accepted) for o in outputs if o.step]
-                self.policy.observe(self._step_slots, time.perf_counter() - start, verifies, self._step_rows)
+                self.policy.observe(size.slots, time.perf_counter() - start, verifies, size.logit_rows)
             return outputs
         except RunnerFailure as e:
             failed = list(self.scheduler.running)
@@ -138,11 +148,11 @@ class LLMEngine:
             return [RequestOutput(r.request_id, [], True, "error", r.prompt_token_ids, list(r.output_token_ids),
                                   r.stats.as_dict(), error=str(e)) for r in failed]
 
-    def _run(self, batch: list[Scheduled]) -> list[RequestOutput]:
-        self._step_slots = self._step_rows = 0
+    def _run(self, batch: list[Scheduled]) -> tuple[list[RequestOutput], StepSize]:
+        size = StepSize()
         layouts = [tidar.layout(s, self.mask_token_id) if s.samples else
                    StepLayout.causal(self._known(s), s.request.num_computed_tokens, False) for s in batch]
-        logits = self._forward(batch, layouts)
+        logits = self._forward(batch, layouts, size)
         best = self._greedy_argmax(batch, layouts, logits)
         outcomes, row = [], 0
         for s, lay in zip(batch, layouts, strict=True):
@@ -171,8 +181,8 @@ class LLMEngine:
                 redraft.append(s)
         tidar.set_drafts(proposals, self.runner.draft_chain, self.config.tidar)
         if redraft:
-            self._draft_pass(redraft)
-        return outputs
+            self._draft_pass(redraft, size)
+        return outputs, size
 
     @staticmethod
     def _greedy_argmax(batch: list[Scheduled], layouts: list[StepLayout], logits: torch.Tensor) -> dict[str, list[int]]:
@@ -194,18 +204,18 @@ class LLMEngine:
         start = s.request.num_computed_tokens
         return s.request.all_token_ids[start : start + s.num_tokens]
 
-    def _forward(self, batch: list[Scheduled], layouts: list[StepLayout]) -> torch.Tensor:
+    def _forward(self, batch: list[Scheduled], layouts: list[StepLayout], size: StepSize) -> torch.Tensor:
         reqs = [s.request for s in batch]
         logits = self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
                                      [r.state_slot for r in reqs])
-        self._step_slots += sum(len(lay.token_ids) for lay in layouts)
-        self._step_rows += sum(len(lay.logit_rows) for lay in layouts)
+        size.slots += sum(len(lay.token_ids) for lay in layouts)
+        size.logit_rows += sum(len(lay.logit_rows) for lay in layouts)
         return logits
 
-    def _draft_pass(self, batch: list[Scheduled]) -> None:
+    def _draft_pass(self, batch: list[Scheduled], size: StepSize) -> None:
         """Two-forward mode: draft K tokens after each new anchor from the committed state."""
         layouts = [tidar.draft_pass_layout(s, self.mask_token_id) for s in batch]
-        logits = self._forward(batch, layouts)
+        logits = self._forward(batch, layouts, size)
         row, proposals = 0, []
         for s, lay in zip(batch, layouts, strict=True):
             req = s.request
@@ -253,8 +263,9 @@ class LLMEngine:
         """Run prompts to completion together; results in prompt order (all or nothing on an invalid one)."""
         return generate_all(self, prompts, params)
 
-    def kv_usage(self) -> float:
-        return self.blocks.usage()
+    def load(self) -> EngineLoad:
+        return EngineLoad(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage(), self.num_steps)
 
-    def num_running(self) -> int:
-        return sum(1 for r in self.scheduler.running if r.status is Status.RUNNING)
+    def shutdown(self) -> None:
+        if hasattr(self.runner, "shutdown"):  # an expert-parallel worker group: its actors
+            self.runner.shutdown()

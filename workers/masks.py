@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.model_runner import StepLayout
+from workers.layout import StepLayout
 
 
 def step_layout(

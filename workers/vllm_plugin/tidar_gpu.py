@@ -1,9 +1,11 @@
 """TiDAR decoding inside vLLM on GPU, through Model Runner V2 hooks. Written against vLLM 0.32.0.
 
 STATUS: UNVERIFIED. Written on a CPU-only machine where Model Runner V2 does not run (it needs Triton and
-a GPU). `bench/gpu_check.py` is the prepared check; until it passes, treat this path as a draft. What is
-verified on CPU: the layout functions below against the native engine's (tests/test_vllm_plugin.py), and
-ZAYA's CCA state rollback under vLLM speculative decoding (per-token candidate states, ngram drafts).
+a GPU). `bench/gpu_check.py` is the prepared check; until it passes, treat this path as a draft. The TiDAR
+layout, mask and acceptance rule are the native engine's own functions (workers/masks.py, workers/tidar.py,
+workers/sampler.py), not a second copy; verified on CPU (tests/test_vllm_plugin.py): the FlexAttention
+mask_mod against the native mask, rows vLLM cuts short, and ZAYA's CCA state rollback under vLLM
+speculative decoding (per-token candidate states, ngram drafts).
 
 How one TiDAR step maps onto vLLM (single-forward layout, greedy):
   * Scheduling: `diffusion_config.canvas_length = W = K + P * (K + 1)` makes vLLM schedule, per decode
@@ -34,6 +36,10 @@ from dataclasses import dataclass
 import torch
 
 from workers.config import EngineConfig, InvalidRequest, TidarConfig
+from workers.layout import StepLayout
+from workers.masks import step_layout
+from workers.sampler import greedy_accept
+from workers.tidar import proposal_block
 
 
 @dataclass(frozen=True)
@@ -103,68 +109,55 @@ def engine_kwargs(config: EngineConfig, hf_cfg, kwargs: dict) -> dict:
     return out
 
 
-# ---- the step layout (pure torch; checked on CPU against workers/masks.py) ------------------------------
+# ---- the step layout and rules: the native ones (workers/masks.py, workers/tidar.py, workers/sampler.py) ----
 
-def request_layout(shape: TidarShape, num_scheduled: int, base: int) -> tuple[list[int], list[int], list[int]]:
-    """One decode row of `num_scheduled` tokens (anchor + drafts + masks) starting at position `base`.
-
-    Returns (positions, parents, verify_len): the TiDAR position of each token, the local index of the token
-    its CCA window continues from (-1: the committed state), and how many leading tokens are verify slots.
-    Rows cut short by vLLM (near max_model_len) keep the verify slots they got and whole blocks only.
-    """
+def native_layout(shape: TidarShape, num_scheduled: int, base: int) -> tuple[StepLayout, int]:
+    """The native layout of one decode row of `num_scheduled` tokens (anchor + drafts + masks) at position
+    `base`, and how many trailing tokens it leaves out: a row vLLM cut short (near max_model_len) keeps the
+    verify slots it got and whole proposal blocks only (token ids are placeholders: the layout's positions,
+    parents and mask are what vLLM needs)."""
     k = shape.block_size
     verify = min(k + 1, num_scheduled)
-    positions = list(range(base, base + verify))
-    parents = list(range(-1, verify - 1))
-    if verify == k + 1:
-        for j, p in enumerate(shape.levels):
-            lo = verify + j * (k + 1)
-            if lo + k + 1 > num_scheduled:
-                break
-            positions += list(range(base + p + 1, base + p + 2 + k))
-            parents += [p] + list(range(lo, lo + k))
-    rest = num_scheduled - len(positions)  # a partial block: continue plainly, its drafts are never used
-    last = len(positions)
-    positions += list(range(base + last, base + last + rest))
-    parents += list(range(last - 1, last - 1 + rest))
-    return positions, parents, verify
+    room = (num_scheduled - verify) // (k + 1) if verify == k + 1 else 0
+    lay = step_layout([0], [0] * (verify - 1), base, shape.levels[:room], k + 1, shape.mask_token_id)
+    return lay, num_scheduled - len(lay.token_ids)
 
 
-def tidar_mask(shape: TidarShape, num_scheduled: int) -> torch.Tensor:
-    """[Q, Q] bool over one decode row's own tokens (the cached prefix is visible to all): the native mask."""
-    k = shape.block_size
-    q = num_scheduled
-    mask = torch.ones(q, q, dtype=torch.bool).tril()
-    verify = min(k + 1, q)
-    if verify == k + 1:
-        for j, p in enumerate(shape.levels):
-            lo = verify + j * (k + 1)
-            if lo + k + 1 > q:
-                break
-            mask[lo : lo + k + 1] = False
-            mask[lo : lo + k + 1, : p + 1] = True
-            mask[lo : lo + k + 1, lo : lo + k + 1] = True
-    return mask
+def request_layout(shape: TidarShape, num_scheduled: int, base: int) -> tuple[list[int], list[int], int]:
+    """(positions, parents, verify_len) of one decode row: the native layout; a partial trailing block (its
+    drafts are never used) continues plainly after it."""
+    lay, rest = native_layout(shape, num_scheduled, base)
+    last = len(lay.positions)
+    positions = lay.positions + list(range(base + last, base + last + rest))
+    parents = lay.parent + list(range(last - 1, last - 1 + rest))
+    return positions, parents, lay.num_write
 
 
 def choose_next_drafts(shape: TidarShape, proposal_argmax: list[list[int]], accepted: int) -> list[int]:
-    """K drafts for the positions after the new anchor, from the block with the largest level <= accepted
-    (missing ones are mask tokens: rejected by the next verify, never wrong)."""
+    """K drafts for the positions after the new anchor, from the native choice of block (largest level <=
+    accepted, among the blocks this row had); missing ones are mask tokens: rejected next step, never wrong."""
     k = shape.block_size
-    blocks = [(p, j) for j, p in enumerate(shape.levels) if p <= accepted and j < len(proposal_argmax)]
-    drafts: list[int] = []
-    if blocks:
-        p, j = max(blocks)
-        drafts = proposal_argmax[j][accepted - p + 1 :][:k]
+    j = proposal_block(shape.levels[: len(proposal_argmax)], accepted)
+    drafts = [] if j is None else proposal_argmax[j][accepted - shape.levels[j] + 1 :][:k]
     return drafts + [shape.mask_token_id] * (k - len(drafts))
 
 
-def greedy_accept(verify_argmax: list[int], drafts: list[int]) -> tuple[int, list[int]]:
-    """verify_argmax[i]: AR argmax of verify row i (row i checks draft i + 1). Returns (n, committed tokens)."""
-    n = 0
-    while n < len(drafts) and n < len(verify_argmax) - 1 and drafts[n] == verify_argmax[n]:
-        n += 1
-    return n, drafts[:n] + [verify_argmax[n]]
+def tidar_mask_mod(base: torch.Tensor, is_tidar: torch.Tensor, k: int, levels: tuple[int, ...]):
+    """The native TiDAR mask as a FlexAttention rule over vLLM's logical (slot) indices: may request `req`'s
+    query slot `lq` see key slot `lkv`? vLLM numbers a row's tokens contiguously from base[req] (the anchor's
+    slot); rows with is_tidar[req] False (prefill, plain decode) are causal. Every key before base[req] is
+    the cached prefix, visible to all. Tensor ops only: FlexAttention vmaps it (tested on CPU against
+    workers/masks.py)."""
+    lv = torch.tensor(levels + (0,), dtype=torch.long, device=base.device)  # a partial block: sees the anchor
+
+    def allowed(req, lq, lkv):
+        i = lq - base[req]  # slot within the row: 0 = anchor, 1..k drafts, then blocks of k + 1
+        blk = (i - (k + 1)).clamp_min(0) // (k + 1)
+        lo = base[req] + (k + 1) + blk * (k + 1)
+        seen = (lkv < base[req] + lv[blk.clamp_max(lv.shape[0] - 1)] + 1) | ((lkv >= lo) & (lkv < lo + k + 1))
+        return torch.where(is_tidar[req] & (i > k), seen, lkv <= lq)
+
+    return allowed
 
 
 # ---- Model Runner V2 glue (GPU only) ---------------------------------------------------------------------
@@ -247,20 +240,12 @@ def install_tidar_masks(metadata, shape: TidarShape, input_batch, rows) -> None:
     num_reqs = input_batch.num_reqs
     computed = torch.as_tensor(input_batch.num_computed_tokens_np[:num_reqs], dtype=torch.long)
     is_tidar = torch.tensor([r[3] for r in rows], dtype=torch.bool)
-    k, levels = shape.block_size, torch.tensor(shape.levels + (0,), dtype=torch.long)
-    base, tidar, lv = computed.to(device), is_tidar.to(device), levels.to(device)
+    allowed = tidar_mask_mod(computed.to(device), is_tidar.to(device), shape.block_size, shape.levels)
     metas = metadata.values() if isinstance(metadata, dict) else [metadata]
     for m in {id(x): x for x in metas if isinstance(x, FlexAttentionMetadata)}.values():
         def mask_mod(b, h, q_idx, kv_idx, m=m):
             valid, lq, lkv = m._convert_physical_to_logical(m.doc_ids, q_idx, kv_idx)
-            req = m.doc_ids[q_idx]
-            i = lq - base[req]
-            causal = lkv <= lq
-            blk = (i - (k + 1)).clamp_min(0) // (k + 1)
-            lo = base[req] + (k + 1) + blk * (k + 1)
-            seen = (lkv < base[req] + lv[blk.clamp_max(lv.shape[0] - 1)] + 1) | ((lkv >= lo) & (lkv < lo + k + 1))
-            proposal = tidar[req] & (i > k)
-            return valid & torch.where(proposal, seen, causal)
+            return valid & allowed(m.doc_ids[q_idx], lq, lkv)
 
         m.get_mask_mod = lambda mm=mask_mod: mm  # build_block_mask() asks for it
         m.mask_mod = mask_mod
@@ -307,7 +292,9 @@ class TidarSampler:
                 continue
             verify = rows[: min(k + 1, len(rows))]
             first = int(qsl[i])
-            n, committed = greedy_accept(verify, input_ids[first + 1 : first + len(verify)])
+            drafts = input_ids[first + 1 : first + len(verify)]
+            n, token = greedy_accept(verify, drafts)
+            committed = drafts[:n] + [token]
             blocks = [rows[k + 1 + j * (k + 1) : k + 1 + (j + 1) * (k + 1)] for j in range(len(shape.levels))]
             blocks = [b for b in blocks if len(b) == k + 1]
             next_drafts[i, :k] = torch.tensor(choose_next_drafts(shape, blocks, n))
