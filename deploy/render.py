@@ -91,8 +91,8 @@ def serve_config(cfg: ServeConfig) -> dict:
 
 def local_config(cfg: ServeConfig, model: str | None = None, max_replicas: int = 2) -> ServeConfig:
     """The same config scaled down to one CPU machine: engines on CPU in fp32 without expert parallelism,
-    a small KV pool, HTTP on localhost, at most `max_replicas` replicas. Ports, model name, admission
-    limits and the autoscaling policy stay as they are; replicas start from (at most) one."""
+    a small KV pool, one ingress, HTTP on localhost, at most `max_replicas` replicas. Ports, model name,
+    admission limits and the autoscaling policy stay as they are; replicas start from (at most) one."""
     data = cfg.model_dump(mode="json", exclude_none=True)
     engine = data["engine"]
     engine.update(device="cpu", dtype="float32", ep_size=1,
@@ -106,6 +106,7 @@ def local_config(cfg: ServeConfig, model: str | None = None, max_replicas: int =
     if auto.get("initial_replicas") is not None:
         auto["initial_replicas"] = min(max(auto["initial_replicas"], auto["min_replicas"]), auto["max_replicas"])
     data["http_host"] = "127.0.0.1"
+    data["ingress_replicas"] = 1
     return ServeConfig(**data)
 
 

@@ -10,7 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workers.config import EngineConfig, InvalidRequest, describe
 
 ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
-STREAM_INTERVAL_MS = 0.0  # chosen by bench.e2e (docs/benchmarks.md)
+# Defaults chosen by bench.e2e (docs/benchmarks.md, "Serving at engine speed"): 20 ms coalescing was 1.34x
+# for streamed chat at c = 64 and within noise below; one ingress process was 1.04-1.18x two on 2 cores
+# (a bigger head node sets ingress_replicas, as deploy/examples/tidal.yaml does).
+STREAM_INTERVAL_MS = 20.0
 
 
 class AutoscalingConfig(BaseModel):
@@ -59,7 +62,7 @@ class ServeConfig(BaseModel):
     grpc_max_connection_age_s: float = Field(
         30.0, gt=0, description="gRPC connections are recycled this often (in-flight calls finish), so a "
         "long-lived client channel moves between ingress replicas")
-    ingress_replicas: int = Field(2, ge=1, description="ingress processes on the head node (HTTP, gRPC, tokenizing)")
+    ingress_replicas: int = Field(1, ge=1, description="ingress processes on the head node (HTTP, gRPC, tokenizing)")
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = "127.0.0.1"
     autoscaling: AutoscalingConfig = AutoscalingConfig()

@@ -374,7 +374,7 @@ def served(tmp_path_factory, otlp_grpc):
     env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_grpc.port}", OTEL_BSP_SCHEDULE_DELAY="200")
     config = tmp / "serve.json"  # the static draft schedule: flags cannot set it
-    config.write_text(json.dumps({"engine": {"tidar": TIDAR}}))
+    config.write_text(json.dumps({"engine": {"tidar": TIDAR}, "stream_interval_ms": 0}))  # a message per step
     log_path = tmp / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--config", str(config), "--model", str(model),

@@ -149,6 +149,34 @@ def test_staggered_arrivals_and_router_surface(ckpts, engines):
     assert e.load().running == 0 and not e.requests
 
 
+def test_the_router_replica_runs_over_the_vllm_engine(ckpts):
+    """The router reads an engine only through workers.backends.Engine: an EngineReplica configured with
+    backend vllm streams the same greedy tokens as transformers and reports vLLM's info and load."""
+    import asyncio
+
+    from router.engine_replica import EngineReplica
+    from router.events import EngineRequest
+
+    ckpt = ckpts["qwen3"]
+    replica = EngineReplica(_config_for(ckpt, backend="vllm").model_dump(mode="json"), max_queued=8)
+    try:
+        prompt = ckpt.prompt(7, seed=51)
+
+        async def run():
+            return [e async for e in replica.generate(EngineRequest(prompt, {"max_tokens": 9, "ignore_eos": True}))]
+
+        events = asyncio.run(run())
+        assert [t for e in events for t in e.token_ids] == ckpt.greedy(prompt, 9)
+        assert events[-1].finished and events[-1].finish_reason == "length"
+        info = replica.model_info()
+        assert info["architecture"] == "Qwen3ForCausalLM" and info["max_model_len"] > 16
+        stats = replica.stats()
+        assert (stats["queue_depth"], stats["running"]) == (0, 0) and stats["steps"] > 0
+    finally:
+        replica.async_engine.shutdown()
+        replica.engine.shutdown()
+
+
 def test_stop_tokens_and_eos_like_native(ckpts, engines):
     ckpt = ckpts["qwen3"]
     prompt = ckpt.prompt(6, seed=3)

@@ -12,6 +12,7 @@ of K+1 mask slots per level. K and the levels for the step come from the draft p
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # prompts still to prefill keep up to half the step for themselves: drafting that took the whole
         # budget held new requests back for steps (TiDAR's time to first token, and so its throughput at
-        # c = 8 end to end, fell below AR's)
-        pending = sum(max(0, r.num_tokens - r.num_computed_tokens - 1) for r in (*self.running, *self.waiting))
+        # c = 8 end to end, fell below AR's). Only prompts that can start now count: not those waiting
+        # for a free sequence slot.
+        admissible = itertools.islice(self.waiting, max(0, self.max_num_seqs - len(self.running)))
+        pending = sum(max(0, r.num_tokens - r.num_computed_tokens - 1) for r in (*self.running, *admissible))
         reserve = min(pending, budget // 2)
         rule = self.draft_rule(min(self.max_num_seqs, len(self.running) + len(self.waiting)), budget - reserve)
         out: list[Scheduled] = []
