@@ -33,7 +33,8 @@ async def start(servicer, host: str, port: int, max_connection_age_s: float
     probes and grpc-health-probe ask) and server reflection (grpcurl list / describe). A connection older
     than `max_connection_age_s` is told to go away (GOAWAY; its calls finish) and the client reconnects,
     maybe to another replica: without it, one channel would stay on one ingress for its whole life."""
-    age = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))]
+    age = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+           ("grpc.max_connection_age_grace_ms", (1 << 31) - 1)]  # streams on an old connection run to their end
     server = grpc.aio.server(options=SERVER_OPTIONS + age)
     pbg.add_GenerationServicer_to_server(servicer, server)
     pbg.add_ControlServicer_to_server(servicer, server)

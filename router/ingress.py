@@ -343,7 +343,12 @@ class Ingress:
         await self.coordinator.ack_drain.remote(self._report())
 
     async def _watch_drain(self) -> None:
-        await self.coordinator.wait_drain.remote()  # a long poll: returns when any ingress begins a drain
+        while True:
+            try:
+                await self.coordinator.wait_drain.remote()  # a long poll: returns when any ingress begins a drain
+                break
+            except Exception:  # the coordinator is restarting: poll again (its reports also carry the state)
+                await asyncio.sleep(1.0)
         await self._stop_taking_work()
 
     def _report(self) -> IngressReport:
@@ -351,8 +356,11 @@ class Ingress:
 
     async def _report_loop(self) -> None:
         while True:
-            if await self.coordinator.report.remote(self._report()) and not self.draining:
-                await self._stop_taking_work()  # missed the long poll (e.g. the coordinator restarted)
+            try:
+                if await self.coordinator.report.remote(self._report()) and not self.draining:
+                    await self._stop_taking_work()  # missed the long poll (e.g. the coordinator restarted)
+            except Exception:  # the coordinator is restarting; the next report goes to the new one
+                pass
             await asyncio.sleep(0.5)
 
     async def in_flight_count(self) -> int:

@@ -153,7 +153,8 @@ def server(model_dir):
         "engine.model": model_dir, "grpc_port": free_port(), "http_port": free_port(),
         "engine.max_num_seqs": MAX_NUM_SEQS, "engine.kv_cache_bytes": 4 << 20,
         "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING,
-        "ingress_replicas": INGRESSES, "grpc_max_connection_age_s": CONNECTION_AGE_S})
+        "ingress_replicas": INGRESSES, "grpc_max_connection_age_s": CONNECTION_AGE_S,
+        "stream_interval_ms": 0})  # a message per decode step: the tests below count and cancel by message
     srv = Server(model_dir, cfg.grpc_port, cfg.http_port)
     try:
         app.start(cfg)
