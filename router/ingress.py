@@ -116,6 +116,7 @@ class Ingress:
         self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port,
                                                          self.config.grpc_max_connection_age_s)
         loop = asyncio.get_running_loop()
+        # held so the loop keeps them: health status, reports to the coordinator, the drain long poll
         self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._report_loop()),
                        loop.create_task(self._watch_drain())]
 
