@@ -14,6 +14,7 @@ ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
 # for streamed chat at c = 64 and within noise below; one ingress process was 1.04-1.18x two on 2 cores
 # (a bigger head node sets ingress_replicas, as deploy/examples/tidal.yaml does).
 STREAM_INTERVAL_MS = 20.0
+DEFAULT_CONNECTION_AGE_S = 30.0  # with several ingress replicas: a channel moves between them
 
 
 class AutoscalingConfig(BaseModel):
@@ -59,9 +60,10 @@ class ServeConfig(BaseModel):
     model_name: str = Field("tidal", description="the name clients use (OpenAI 'model', gRPC 'model')")
     grpc_port: int = Field(9000, ge=1, le=65535)
     grpc_host: str = Field("0.0.0.0", description="where the ingress replicas' gRPC servers listen")
-    grpc_max_connection_age_s: float = Field(
-        30.0, gt=0, description="gRPC connections are recycled this often (in-flight calls finish), so a "
-        "long-lived client channel moves between ingress replicas")
+    grpc_max_connection_age_s: float | None = Field(
+        None, gt=0, description="gRPC connections are recycled this often (in-flight calls finish), so a "
+        "long-lived client channel moves between ingress replicas; by default 30 s with more than one ingress "
+        "replica and never with one (a recycled connection can turn a call's deadline into UNAVAILABLE)")
     ingress_replicas: int = Field(1, ge=1, description="ingress processes on the head node (HTTP, gRPC, tokenizing)")
     http_port: int = Field(8000, ge=0, le=65535)
     http_host: str = "127.0.0.1"
@@ -72,6 +74,13 @@ class ServeConfig(BaseModel):
         STREAM_INTERVAL_MS, ge=0, le=10_000, description="a stream sends a request's new tokens at most this often "
         "(first and last at once); 0 sends every decode step")
     api_key: str | None = Field(None, description="when set, clients must send 'authorization: Bearer <key>'")
+
+    @property
+    def grpc_connection_age_s(self) -> float | None:
+        """How often the gRPC servers recycle a connection; None: never."""
+        if self.grpc_max_connection_age_s is not None:
+            return self.grpc_max_connection_age_s
+        return DEFAULT_CONNECTION_AGE_S if self.ingress_replicas > 1 else None
 
     @classmethod
     def load(cls, path: str | None = None, **overrides) -> ServeConfig:

@@ -26,15 +26,17 @@ SERVER_OPTIONS = [("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 
                   ("grpc.max_send_message_length", 64 << 20)]
 
 
-async def start(servicer, host: str, port: int, max_connection_age_s: float
+async def start(servicer, host: str, port: int, max_connection_age_s: float | None
                 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """Serve the Generation and Control services of `servicer` on host:port (in the running loop), with the
     standard grpc.health.v1 service (NOT_SERVING until `set_serving` says otherwise: what Kubernetes' gRPC
     probes and grpc-health-probe ask) and server reflection (grpcurl list / describe). A connection older
     than `max_connection_age_s` is told to go away (GOAWAY; its calls finish) and the client reconnects,
-    maybe to another replica: without it, one channel would stay on one ingress for its whole life."""
-    age = [("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
-           ("grpc.max_connection_age_grace_ms", (1 << 31) - 1)]  # streams on an old connection run to their end
+    maybe to another replica: without it, one channel would stay on one ingress for its whole life. None:
+    connections live as long as their clients keep them."""
+    age = [] if max_connection_age_s is None else [
+        ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", (1 << 31) - 1)]  # streams on an old connection run to their end
     server = grpc.aio.server(options=SERVER_OPTIONS + age)
     pbg.add_GenerationServicer_to_server(servicer, server)
     pbg.add_ControlServicer_to_server(servicer, server)

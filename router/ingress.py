@@ -5,8 +5,8 @@ Serve's load-aware router (power of two choices over replica queue lengths). A c
 (cancel, deadline, disconnect) cancels the replica's generator, which aborts the request and frees its KV.
 
 Several ingress replicas run side by side (`ingress_replicas`): Serve's proxy spreads HTTP requests over
-them, and all of them listen on the gRPC port (SO_REUSEPORT: the kernel spreads connections; connections
-are recycled every `grpc_max_connection_age_s`, so one long-lived client channel moves between them too).
+them, and all of them listen on the gRPC port (SO_REUSEPORT: the kernel spreads connections, which are
+recycled every `grpc_max_connection_age_s`, so one long-lived client channel moves between them too).
 They share the drain state and their metrics through the coordinator (router/coordinator.py). Every
 answer names the replica that served it (`x-tidal-ingress` header, `tidal-ingress` trailing metadata).
 """
@@ -114,7 +114,7 @@ class Ingress:
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
         self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port,
-                                                         self.config.grpc_max_connection_age_s)
+                                                         self.config.grpc_connection_age_s)
         loop = asyncio.get_running_loop()
         # held so the loop keeps them: health status, reports to the coordinator, the drain long poll
         self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._report_loop()),

@@ -143,6 +143,14 @@ def test_serve_config_carries_the_typed_config(rendered):
     assert auto["policy"] == cfg.autoscaling.serve_dict()["policy"]
 
 
+def test_grpc_connections_are_recycled_only_where_there_is_another_ingress_to_move_to(rendered):
+    cfg = ServeConfig.load(str(EXAMPLE_CONFIG))
+    assert cfg.ingress_replicas > 1 and cfg.grpc_connection_age_s == 30.0
+    local = ServeConfig(**serve_configs(rendered)["serve-local.yaml"]["applications"][0]["args"])
+    assert local.ingress_replicas == 1 and local.grpc_connection_age_s is None
+    assert ServeConfig.load(None, **{"engine.model": "m", "grpc_max_connection_age_s": 5}).grpc_connection_age_s == 5
+
+
 # ---- 3. the RayService manifest ------------------------------------------------------------------------------
 
 
