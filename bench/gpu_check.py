@@ -84,7 +84,7 @@ def compare(stage: str, name: str, ckpt, e, prompts, n: int) -> None:
     got = [o.output_token_ids for o in outs]
     want = [ckpt.greedy(p, n) for p in prompts]
     ok = got == want
-    info = {"seconds": round(wall, 2), "stats": [o.stats for o in outs]}
+    info = {"seconds": round(wall, 2), "stats": [o.stats.as_dict() for o in outs]}
     if not ok:
         info["divergence"] = [first_divergence(ckpt, p, g, w) for p, g, w in zip(prompts, got, want, strict=False)
                               if g != w]

@@ -23,10 +23,10 @@ from opentelemetry import trace
 from router import telemetry
 from router.errors import Overloaded
 from router.events import EngineRequest, StreamEvent
-from router.stats import StatsBoard
+from router.stats import ReplicaLoad, StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.backends import create_engine
-from workers.config import EngineConfig, SamplingParams
+from workers.config import EngineConfig
 
 
 class EngineReplica:
@@ -38,7 +38,7 @@ class EngineReplica:
         self.max_queued = max_queued
         self.stream_interval_s = stream_interval_ms / 1000
         self.replica_id = f"{os.getpid()}-{id(self)}"
-        self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "finished": 0}
+        self.finished = self.drafted = self.accepted = self.verify_steps = 0  # totals over every request
         self._report_task = None
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StreamEvent]:
@@ -47,7 +47,7 @@ class EngineReplica:
         self._ensure_reporter()
         if self.engine.load().waiting >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
-        params = SamplingParams.make(**request.sampling)
+        params = request.sampling
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
         interval = self.stream_interval_s if request.stream else math.inf
         first, last, pending, sent_at = True, None, None, 0.0
@@ -67,7 +67,9 @@ class EngineReplica:
             await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
             if span.is_recording() and last is not None:
                 span.set_attribute("tidal.finish_reason", last.finish_reason or "cancelled")
-                span.set_attributes({f"tidal.{k}": v for k, v in last.stats.items() if isinstance(v, (int, float))})
+                if last.stats is not None:
+                    span.set_attributes({f"tidal.{k}": v for k, v in last.stats.as_dict().items()
+                                         if isinstance(v, (int, float))})
             span.end()
 
     @staticmethod
@@ -77,8 +79,8 @@ class EngineReplica:
         if first:
             parent = trace.set_span_in_context(span)
             tracer = telemetry.tracer()
-            for name, start, end in (("queue", t["arrival"], t["first_scheduled"]),
-                                     ("prefill", t["first_scheduled"], t["first_token"])):
+            for name, start, end in (("queue", t.arrival, t.first_scheduled),
+                                     ("prefill", t.first_scheduled, t.first_token)):
                 if start is not None and end is not None:
                     tracer.start_span(name, context=parent, start_time=telemetry.ns(start)).end(telemetry.ns(end))
         if out.step is not None:
@@ -94,26 +96,25 @@ class EngineReplica:
         """The event for `out`, carrying the tokens and steps of the `pending` one not yet sent."""
         event = StreamEvent(out.request_id, list(out.new_token_ids), len(out.prompt_token_ids),
                             [out.step] if out.step else [], out.finished, out.finish_reason,
-                            out.stats if out.finished else None, out.error)
+                            out.stats, out.error)
         return pending.merged_into(event) if pending is not None else event
 
     def _account(self, out) -> None:
-        t = self.totals
-        t["finished"] += out.finished
+        self.finished += out.finished
         if out.step and out.step.drafted:
-            t["drafted"] += out.step.drafted
-            t["accepted"] += out.step.accepted
-            t["verify_steps"] += 1
+            self.drafted += out.step.drafted
+            self.accepted += out.step.accepted
+            self.verify_steps += 1
 
-    def stats(self) -> dict:
-        load = self.engine.load()
-        return {"queue_depth": load.waiting, "running": load.running, "kv_usage": load.kv_usage, "steps": load.steps,
-                **self.totals}
+    def load(self) -> ReplicaLoad:
+        e = self.engine.load()
+        return ReplicaLoad(e.waiting, e.running, e.kv_usage, e.steps, self.finished, self.drafted, self.accepted,
+                           self.verify_steps)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every metrics interval; router/autoscaling.py sizes the deployment from it."""
-        stats = self.stats()
-        return {k: float(stats[k]) for k in ("queue_depth", "running", "kv_usage")}
+        load = self.load()
+        return {"queue_depth": float(load.queue_depth), "running": float(load.running), "kv_usage": load.kv_usage}
 
     def model_info(self) -> dict:
         c, info = self.config, self.engine.info
@@ -131,7 +132,7 @@ class EngineReplica:
     async def _report_loop(self) -> None:
         board = StatsBoard.get()
         while True:
-            board.report.remote(self.replica_id, self.stats())
+            board.report.remote(self.replica_id, self.load())
             await asyncio.sleep(0.5)
 
     def __del__(self):

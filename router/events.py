@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.request import StepRecord
+from workers.config import SamplingParams
+from workers.request import RequestTotals, StepRecord
 
 
 @dataclass
@@ -12,7 +13,7 @@ class EngineRequest:
     """One generation request as the ingress hands it to a replica (validated and tokenized at the edge)."""
 
     prompt: list[int]  # prompt token ids
-    sampling: dict  # SamplingParams fields the client set
+    sampling: SamplingParams
     request_id: str | None = None  # the client's id, or None for a fresh one
     stream: bool = True  # the client reads tokens as they come; False: only the first and the last event matter
     trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the ingress span
@@ -28,7 +29,7 @@ class StreamEvent:
     steps: list[StepRecord] = field(default_factory=list)  # every decode step these tokens came from, in order
     finished: bool = False  # the last event of the request
     finish_reason: str | None = None  # stop | length | abort | error, on the last event
-    stats: dict | None = None  # the request's totals (RequestStats.as_dict), on the last event only
+    stats: RequestTotals | None = None  # the request's totals, on the last event only
     error: str | None = None  # the engine's failure message (finish_reason "error")
 
     def merged_into(self, later: StreamEvent) -> StreamEvent:

@@ -37,7 +37,7 @@ from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
 from workers.loader import load_tokenizer
-from workers.request import StepRecord
+from workers.request import RequestTotals, StepRecord
 
 INGRESS_ID = f"{socket.gethostname()}:{os.getpid()}"  # one ingress replica per process
 
@@ -150,8 +150,7 @@ class Ingress:
             prompt = self.tokenizer.encode(prompt).ids
         if not prompt:
             raise InvalidRequest("prompt is empty")
-        SamplingParams.make(**sampling)  # fail fast, before a replica is involved
-        return EngineRequest(list(prompt), sampling, request_id or None, stream)
+        return EngineRequest(list(prompt), SamplingParams.make(**sampling), request_id or None, stream)
 
     async def _events(self, request: EngineRequest, carrier: dict[str, str], operation: str
                       ) -> AsyncIterator[StreamEvent]:
@@ -183,7 +182,7 @@ class Ingress:
                         span.set_attributes({"gen_ai.response.id": event.request_id,
                                              "gen_ai.response.finish_reasons": [outcome],
                                              "gen_ai.usage.input_tokens": event.prompt_tokens,
-                                             "gen_ai.usage.output_tokens": event.stats["generated_tokens"]})
+                                             "gen_ai.usage.output_tokens": event.stats.generated_tokens})
                 yield event
         except Exception as e:
             outcome = "error" if status_of(e)[1] >= 500 else None  # refusals are counted by _rejected
@@ -198,8 +197,8 @@ class Ingress:
             span.end()
 
     def _request_attributes(self, request: EngineRequest, operation: str) -> dict:
-        s = {k: v for k, v in request.sampling.items() if v is not None and k in
-             ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+        s = {k: v for k, v in request.sampling.model_dump(exclude_unset=True).items()  # what the client set
+             if v is not None and k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
         return {"gen_ai.operation.name": operation, "gen_ai.request.model": self.config.model_name,
                 "gen_ai.system": "tidal", **{f"gen_ai.request.{k}": v for k, v in s.items()}}
 
@@ -246,15 +245,14 @@ class Ingress:
         return out
 
     @staticmethod
-    def _accept_stats(stats: dict) -> pb.AcceptStats:
+    def _accept_stats(stats: RequestTotals) -> pb.AcceptStats:
         """The request's totals."""
-        return pb.AcceptStats(forwards=stats["forwards"], drafted=stats.get("drafted", 0),
-                              accepted=stats.get("accepted", 0),
-                              mean_acceptance_length=stats.get("mean_acceptance_length", 1.0),
-                              acceptance_by_position=stats.get("acceptance_by_position", []))
+        return pb.AcceptStats(forwards=stats.forwards, drafted=stats.drafted, accepted=stats.accepted,
+                              mean_acceptance_length=stats.mean_acceptance_length,
+                              acceptance_by_position=stats.acceptance_by_position)
 
     def _usage(self, event: StreamEvent) -> pb.Usage:
-        return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.stats["generated_tokens"],
+        return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.stats.generated_tokens,
                         speculative=self._accept_stats(event.stats))
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -291,7 +289,7 @@ class Ingress:
             self._fail(grpc_context, e)
 
     async def _serving(self) -> bool:
-        return not self.draining and (await StatsBoard.get().summary.remote())["replicas"] > 0
+        return not self.draining and (await StatsBoard.get().summary.remote()).replicas > 0
 
     async def _health_loop(self) -> None:
         """Keep grpc.health.v1 current: SERVING while not draining and some engine replica reports load."""
@@ -320,10 +318,9 @@ class Ingress:
         if not self._grpc_authorized(grpc_context):
             return pb.Stats()
         s = await StatsBoard.get().summary.remote()
-        return pb.Stats(replicas=s["replicas"], queue_depth=s["queue_depth"], running=s["running"],
-                        kv_usage=s["kv_usage"], drafted=s["drafted"], accepted=s["accepted"],
-                        mean_acceptance_length=s["mean_acceptance_length"], finished_requests=s["finished"],
-                        forwards=s["steps"])
+        return pb.Stats(replicas=s.replicas, queue_depth=s.queue_depth, running=s.running, kv_usage=s.kv_usage,
+                        drafted=s.drafted, accepted=s.accepted, mean_acceptance_length=s.mean_acceptance_length,
+                        finished_requests=s.finished, forwards=s.steps)
 
     async def Drain(self, request: pb.DrainRequest, grpc_context) -> pb.DrainResponse:
         if not self._grpc_authorized(grpc_context):
@@ -428,7 +425,7 @@ class Ingress:
             return self._http_error(e)
         make = oa.chat_body if chat else oa.completion_body
         return make(rid, model, "".join(parts), last.finish_reason, last.prompt_tokens,
-                    last.stats["generated_tokens"], last.stats)
+                    last.stats.generated_tokens, last.stats)
 
     async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
         text = Detokenizer(self.tokenizer)
@@ -440,7 +437,7 @@ class Ingress:
                 chunk = (oa.chat_chunk(rid, model, delta, finish, opening) if chat
                          else oa.completion_chunk(rid, model, delta, finish))
                 if event.finished:
-                    chunk["usage"] = oa.usage(event.prompt_tokens, event.stats["generated_tokens"])
+                    chunk["usage"] = oa.usage(event.prompt_tokens, event.stats.generated_tokens)
                     chunk["tidal"] = oa.speculative(event.stats)
                 opening = False
                 yield f"data: {json.dumps(chunk)}\n\n"

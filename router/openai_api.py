@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workers.request import RequestTotals
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -60,20 +62,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def speculative(stats: dict) -> dict:
+def speculative(stats: RequestTotals) -> dict:
     keys = ("forwards", "drafted", "accepted", "mean_acceptance_length", "acceptance_by_position", "tokens_per_forward")
-    return {k: stats[k] for k in keys if k in stats}
+    figures = stats.as_dict()
+    return {k: figures[k] for k in keys if k in figures}
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
-                    stats: dict) -> dict:
+                    stats: RequestTotals) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
             "usage": usage(prompt_tokens, completion_tokens), "tidal": speculative(stats)}
 
 
 def chat_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
-              stats: dict) -> dict:
+              stats: RequestTotals) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],

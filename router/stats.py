@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import ray
 
@@ -10,23 +11,49 @@ BOARD_NAME = "tidal-stats-board"
 STALE_S = 5.0  # a replica silent this long is gone (scaled down or dead)
 
 
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What one engine replica posts every half second (and what it reports to Serve's autoscaler)."""
+
+    queue_depth: int  # admitted requests not yet running
+    running: int  # requests in the running batch
+    kv_usage: float  # share of KV blocks in use, 0..1
+    steps: int  # engine steps so far
+    finished: int = 0  # requests finished so far
+    drafted: int = 0  # drafts offered for verification so far
+    accepted: int = 0  # drafts accepted so far
+    verify_steps: int = 0  # request steps that verified at least one draft
+
+
+@dataclass(frozen=True)
+class ServerLoad(ReplicaLoad):
+    """Every live replica's load: counts summed, KV usage averaged."""
+
+    replicas: int = 0
+
+    @classmethod
+    def of(cls, loads: list[ReplicaLoad]) -> ServerLoad:
+        return cls(queue_depth=sum(x.queue_depth for x in loads), running=sum(x.running for x in loads),
+                   kv_usage=sum(x.kv_usage for x in loads) / len(loads) if loads else 0.0,
+                   steps=sum(x.steps for x in loads), finished=sum(x.finished for x in loads),
+                   drafted=sum(x.drafted for x in loads), accepted=sum(x.accepted for x in loads),
+                   verify_steps=sum(x.verify_steps for x in loads), replicas=len(loads))
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1 + self.accepted / self.verify_steps if self.verify_steps else 1.0
+
+
 class _Board:
     def __init__(self):
-        self.reports: dict[str, tuple[float, dict]] = {}
+        self.reports: dict[str, tuple[float, ReplicaLoad]] = {}
 
-    def report(self, replica_id: str, stats: dict) -> None:
-        self.reports[replica_id] = (time.monotonic(), stats)
+    def report(self, replica_id: str, load: ReplicaLoad) -> None:
+        self.reports[replica_id] = (time.monotonic(), load)
 
-    def summary(self) -> dict:
+    def summary(self) -> ServerLoad:
         now = time.monotonic()
-        live = [s for t, s in self.reports.values() if now - t < STALE_S]
-        total = {k: sum(s.get(k, 0) for s in live) for k in
-                 ("queue_depth", "running", "drafted", "accepted", "verify_steps", "finished", "steps")}
-        total["replicas"] = len(live)
-        total["kv_usage"] = sum(s["kv_usage"] for s in live) / len(live) if live else 0.0
-        total["mean_acceptance_length"] = (1 + total["accepted"] / total["verify_steps"] if total["verify_steps"]
-                                           else 1.0)
-        return total
+        return ServerLoad.of([load for t, load in self.reports.values() if now - t < STALE_S])
 
 
 class StatsBoard:

@@ -20,6 +20,7 @@ from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from router.stats import ServerLoad
 from workers.request import StepRecord
 
 ADDITIVE = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}  # family type -> sample suffixes
@@ -124,12 +125,12 @@ class Metrics:
         if step.committed:
             self.tokens_per_forward.labels(m).observe(step.committed)
 
-    def load(self, summary: dict) -> None:
+    def load(self, summary: ServerLoad) -> None:
         m = self.model
-        self.waiting.labels(m).set(summary["queue_depth"])
-        self.running.labels(m).set(summary["running"])
-        self.kv_usage.labels(m).set(summary["kv_usage"])
-        self.replicas.labels(m).set(summary["replicas"])
+        self.waiting.labels(m).set(summary.queue_depth)
+        self.running.labels(m).set(summary.running)
+        self.kv_usage.labels(m).set(summary.kv_usage)
+        self.replicas.labels(m).set(summary.replicas)
 
 
 def additive_samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -337,7 +337,7 @@ def board_replicas() -> int:
 
     from router.stats import StatsBoard
 
-    return ray.get(StatsBoard.get().summary.remote(), timeout=10)["replicas"]
+    return ray.get(StatsBoard.get().summary.remote(), timeout=10).replicas
 
 
 def drained_ongoing() -> int:

@@ -89,7 +89,7 @@ def test_greedy_with_chained_heads_equals_transformers(chained, family, k, level
     prompts = [prompt_of(n, 40 + n) for n in (4, 9, 13)]
     outs = engine.generate(prompts, SamplingParams(max_tokens=22))
     assert [o.output_token_ids for o in outs] == [ck.greedy(p, 22) for p in prompts]
-    assert sum(o.stats["accepted"] for o in outs) > 0, "no draft accepted: the comparison would be vacuous"
+    assert sum(o.stats.accepted for o in outs) > 0, "no draft accepted: the comparison would be vacuous"
     assert_engine_idle(engine)
 
 
@@ -114,9 +114,9 @@ def test_a_head_that_forces_one_token_collapses_acceptance_and_output_stays_ar(c
     outs, seen = observe_drafts(engine_for(forced, tidar=static(8, (0, 2, 4))), prompts, greedy)
     assert [o.output_token_ids for o in outs] == expected
     assert seen and all(set(d) == {never} for _, d, _, _ in seen)
-    assert sum(o.stats["drafted"] for o in outs) > 0 and sum(o.stats["accepted"] for o in outs) == 0
+    assert sum(o.stats.drafted for o in outs) > 0 and sum(o.stats.accepted for o in outs) == 0
     control = engine_for(chained["zaya"], tidar=static(8, (0, 2, 4))).generate(prompts, greedy)
-    assert sum(o.stats["accepted"] for o in control) > 0  # the same layout accepts drafts with other heads
+    assert sum(o.stats.accepted for o in control) > 0  # the same layout accepts drafts with other heads
 
 
 def expected_chain(anchor: int, first_pos: int, m: int, vocab: int, block_len: int) -> list[int]:

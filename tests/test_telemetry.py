@@ -52,7 +52,7 @@ from proto import tidal_pb2_grpc as pbg
 from router import telemetry
 from router.engine_replica import EngineReplica
 from router.events import EngineRequest, StreamEvent
-from workers.config import EngineConfig
+from workers.config import EngineConfig, SamplingParams
 from workers.request import StepRecord
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,12 +86,12 @@ def attrs(span) -> dict:
     return out
 
 
-def check_decode_steps(events: list[dict], generated: int, stats: dict) -> None:
+def check_decode_steps(events: list[dict], generated: int, drafted: int, accepted: int) -> None:
     """decode_step events (attribute dicts) against the request's totals."""
     assert events, "no decode_step events"
     assert sum(e["tidal.tokens_committed"] for e in events) == generated
-    assert sum(e["tidal.drafts_offered"] for e in events) == stats.get("drafted", 0)
-    assert sum(e["tidal.drafts_accepted"] for e in events) == stats.get("accepted", 0)
+    assert sum(e["tidal.drafts_offered"] for e in events) == drafted
+    assert sum(e["tidal.drafts_accepted"] for e in events) == accepted
     for e in events:
         abp = list(e.get("tidal.acceptance_by_position", []))  # an empty list attribute may be dropped
         assert len(abp) == e["tidal.drafts_offered"]
@@ -146,7 +146,7 @@ def run(replica: EngineReplica, request: EngineRequest) -> list[StreamEvent]:
 
 
 def tiny_request(carrier: dict | None, stream: bool = True) -> EngineRequest:
-    return EngineRequest(TINY_PROMPT, {"max_tokens": TINY_TOKENS, "ignore_eos": True}, stream=stream,
+    return EngineRequest(TINY_PROMPT, SamplingParams(max_tokens=TINY_TOKENS, ignore_eos=True), stream=stream,
                          trace=carrier or {})
 
 
@@ -194,7 +194,7 @@ def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny
     # the request's totals travel once, on the last event; every decode step is a typed record
     assert all(e.stats is None for e in each[:-1] + coalesced[:-1])
     assert all(isinstance(s, StepRecord) for e in coalesced for s in e.steps)
-    assert sum(len(e.steps) for e in coalesced) == each[-1].stats["forwards"]
+    assert sum(len(e.steps) for e in coalesced) == each[-1].stats.forwards
 
 
 def test_a_request_that_does_not_stream_gets_its_first_tokens_then_the_rest(tiny_model):
@@ -224,8 +224,8 @@ def test_replica_span_tree(replica):
         events = run(replica, tiny_request(carrier))
     stats = events[-1].stats
     generated = sum(len(e.token_ids) for e in events)
-    assert generated == stats["generated_tokens"] == TINY_TOKENS
-    assert stats["drafted"] > 0 and stats["accepted"] > 0, f"no draft was accepted; the test proves little: {stats}"
+    assert generated == stats.generated_tokens == TINY_TOKENS
+    assert stats.drafted > 0 and stats.accepted > 0, f"no draft was accepted; the test proves little: {stats}"
 
     spans = {s.name: s for s in EXPORTER.get_finished_spans()}
     assert set(spans) == {"client", "engine", "queue", "prefill"}, list(spans)
@@ -242,11 +242,11 @@ def test_replica_span_tree(replica):
 
     assert engine.attributes["tidal.finish_reason"] == "length"
     assert engine.attributes["tidal.generated_tokens"] == TINY_TOKENS
-    assert engine.attributes["tidal.accepted"] == stats["accepted"]
+    assert engine.attributes["tidal.accepted"] == stats.accepted
     steps = [e for e in engine.events if e.name == "decode_step"]
-    assert len(steps) == len(engine.events) == len(events) == stats["forwards"]  # one per engine step
+    assert len(steps) == len(engine.events) == len(events) == stats.forwards  # one per engine step
     step_attrs = [dict(e.attributes) for e in steps]
-    check_decode_steps(step_attrs, generated, stats)
+    check_decode_steps(step_attrs, generated, stats.drafted, stats.accepted)
     assert [a["tidal.tokens_committed"] for a in step_attrs] == [len(e.token_ids) for e in events]
     assert all(a["tidal.batch_size"] == 1 for a in step_attrs)
     assert {a["tidal.proposal_level"] for a in step_attrs} <= set(TIDAR["levels"]) | {-1}
@@ -427,7 +427,7 @@ def test_otlp_grpc_export(served, otlp_grpc):
     steps = [attrs(e) for e in engine.events if e.name == "decode_step"]
     assert len(steps) == len(msgs)  # one streamed message per engine step
     usage = msgs[-1].usage.speculative
-    check_decode_steps(steps, n, {"drafted": usage.drafted, "accepted": usage.accepted})
+    check_decode_steps(steps, n, usage.drafted, usage.accepted)
     assert usage.drafted > 0, "tidar mode offered no drafts"
     assert [s["tidal.drafts_offered"] for s in steps] == [m.step.drafted for m in msgs]
     assert [s["tidal.tokens_committed"] for s in steps] == [len(m.token_ids) for m in msgs]
@@ -502,14 +502,14 @@ HTTP_SCRIPT = textwrap.dedent("""
     from router import telemetry
     from router.engine_replica import EngineReplica
     from router.events import EngineRequest
-    from workers.config import EngineConfig
+    from workers.config import EngineConfig, SamplingParams
 
     r = EngineReplica(EngineConfig(model=sys.argv[1], mode="tidar", block_size=4, kv_cache_bytes=1 << 20,
                                    tidar=json.loads(sys.argv[3])).model_dump(mode="json"), max_queued=8)
     provider = trace.get_tracer_provider()
     assert type(provider).__module__.startswith("opentelemetry.sdk"), provider
     async def go():
-        request = EngineRequest([1, 4, 2, 5, 3], {"max_tokens": 8, "ignore_eos": True},
+        request = EngineRequest([1, 4, 2, 5, 3], SamplingParams(max_tokens=8, ignore_eos=True),
                                 trace={"traceparent": sys.argv[2]})
         return [ev async for ev in r.generate(request)]
     events = asyncio.run(go())

@@ -240,7 +240,7 @@ def test_greedy_tidar_equals_transformers_generate(ckpts, family, k, levels, two
             prompt, n = next(g for g in greedy if g[0] == req.prompt_token_ids)
             assert out.output_token_ids == ck.greedy(prompt, n)
             assert out.finish_reason == "length"
-            accepted += out.stats.get("accepted", 0)
+            accepted += out.stats.accepted
         else:
             assert len(out.output_token_ids) == 9 and out.finish_reason == "length"
     assert accepted > 0, "no draft was ever accepted: the comparison would be vacuous"
@@ -274,7 +274,7 @@ def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     assert sum(req.stats.preemptions for req, _ in done) > 0, "the pool was meant to force preemption"
     for (_req, out), (prompt, n) in zip(sorted(done, key=lambda d: d[0].arrival), jobs, strict=False):
         assert out.output_token_ids == ck.greedy(prompt, n)
-    assert sum(out.stats.get("accepted", 0) for _, out in done) > 0
+    assert sum(out.stats.accepted for _, out in done) > 0
     assert_engine_idle(engine)
 
 
@@ -321,7 +321,7 @@ def test_ar_mode_equals_transformers_and_never_drafts(ckpts):
     outs = engine.generate(prompts, SamplingParams(max_tokens=15))
     for p, out in zip(prompts, outs, strict=False):
         assert out.output_token_ids == ck.greedy(p, 15)
-        assert "drafted" not in out.stats and out.stats["forwards"] == 15
+        assert out.stats.drafted == 0 and out.stats.forwards == 15
     assert_engine_idle(engine)
 
 

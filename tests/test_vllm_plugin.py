@@ -125,7 +125,7 @@ def test_ar_greedy_matches_native_and_transformers(name, ckpts, engines):
     assert [o.output_token_ids for o in outs] == expected
     for o, n in zip(outs, native, strict=False):
         assert o.finish_reason == n.finish_reason == "length"
-        assert o.stats == n.stats  # AR: one token per forward, same dict
+        assert o.stats == n.stats  # AR: one token per forward, same totals
 
 
 def test_staggered_arrivals_and_router_surface(ckpts, engines):
@@ -163,15 +163,16 @@ def test_the_router_replica_runs_over_the_vllm_engine(ckpts):
         prompt = ckpt.prompt(7, seed=51)
 
         async def run():
-            return [e async for e in replica.generate(EngineRequest(prompt, {"max_tokens": 9, "ignore_eos": True}))]
+            request = EngineRequest(prompt, SamplingParams(max_tokens=9, ignore_eos=True))
+            return [e async for e in replica.generate(request)]
 
         events = asyncio.run(run())
         assert [t for e in events for t in e.token_ids] == ckpt.greedy(prompt, 9)
         assert events[-1].finished and events[-1].finish_reason == "length"
         info = replica.model_info()
         assert info["architecture"] == "Qwen3ForCausalLM" and info["max_model_len"] > 16
-        stats = replica.stats()
-        assert (stats["queue_depth"], stats["running"]) == (0, 0) and stats["steps"] > 0
+        load = replica.load()
+        assert (load.queue_depth, load.running) == (0, 0) and load.steps > 0
     finally:
         replica.async_engine.shutdown()
         replica.engine.shutdown()
@@ -219,7 +220,7 @@ def test_zaya_cca_state_follows_accepted_drafts_under_speculative_decoding(ckpts
         e.shutdown()
     assert [o.output_token_ids for o in outs] == [ckpt.greedy(p, 24) for p in prompts]
     # drafts were accepted somewhere (more tokens than forwards), so states were kept and rolled back
-    assert sum(o.stats["generated_tokens"] for o in outs) > sum(o.stats["forwards"] for o in outs)
+    assert sum(o.stats.generated_tokens for o in outs) > sum(o.stats.forwards for o in outs)
 
 
 # ---- the GPU TiDAR path: the native layout, mask and rules (the vLLM glue itself needs a GPU: bench/gpu_check.py)

@@ -250,12 +250,12 @@ def cmd_generate(args) -> int:
     text = tokenizer.decode(out.output_token_ids) if tokenizer is not None else ""
     if args.json:
         print(json.dumps({"text": text, "token_ids": out.output_token_ids, "prompt_token_ids": out.prompt_token_ids,
-                          "finish_reason": out.finish_reason, "stats": out.stats}))
+                          "finish_reason": out.finish_reason, "stats": out.stats.as_dict()}))
     else:
         print(text if tokenizer is not None else " ".join(map(str, out.output_token_ids)))
         s = out.stats
-        print(f"[{s['generated_tokens']} tokens, {s['forwards']} forwards, "
-              f"{s['tokens_per_forward']:.2f} tokens/forward, finish: {out.finish_reason}]", file=sys.stderr)
+        print(f"[{s.generated_tokens} tokens, {s.forwards} forwards, "
+              f"{s.tokens_per_forward:.2f} tokens/forward, finish: {out.finish_reason}]", file=sys.stderr)
     return 0
 
 

@@ -46,10 +46,6 @@ class LoadBalancer:
             counts.zero_()
         return loads
 
-    def reset(self) -> None:
-        for c in self.counts:
-            c.zero_()
-
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()

@@ -20,7 +20,7 @@ class BlockManager:
         return len(self.free_blocks)
 
     def usage(self) -> float:
-        return 1.0 - len(self.free_blocks) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(req.block_table))

@@ -24,7 +24,7 @@ from workers.draft_policy import make_policy
 from workers.layout import StepLayout
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, head_dim_of
-from workers.request import Request, RequestOutput, StepRecord, generate_all, prompt_token_ids
+from workers.request import Request, RequestOutput, RequestTimes, StepRecord, generate_all, prompt_token_ids
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
 
@@ -146,7 +146,7 @@ class LLMEngine:
                 self.scheduler.finish(req, "error")
                 self.requests.pop(req.request_id, None)
             return [RequestOutput(r.request_id, [], True, "error", r.prompt_token_ids, list(r.output_token_ids),
-                                  r.stats.as_dict(), error=str(e)) for r in failed]
+                                  r.stats.totals(), error=str(e)) for r in failed]
 
     def _run(self, batch: list[Scheduled]) -> tuple[list[RequestOutput], StepSize]:
         size = StepSize()
@@ -251,10 +251,9 @@ class LLMEngine:
         return self.output_of(req, kept)
 
     def output_of(self, req: Request, new_tokens: list[int]) -> RequestOutput:
-        times = {"arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
-                 "first_token": req.first_token_time}
+        times = RequestTimes(req.arrival_time, req.first_scheduled_time, req.first_token_time)
         return RequestOutput(req.request_id, new_tokens, req.finished, req.finish_reason, req.prompt_token_ids,
-                             list(req.output_token_ids), req.stats.as_dict(), times=times)
+                             list(req.output_token_ids), req.stats.totals() if req.finished else None, times=times)
 
     # ---- convenience -------------------------------------------------------------------------------
 

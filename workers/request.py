@@ -84,19 +84,54 @@ class RequestStats:
         if level is not None:
             self.levels_chosen[level] = self.levels_chosen.get(level, 0) + 1
 
+    def totals(self) -> RequestTotals:
+        return RequestTotals(
+            self.forwards, self.generated_tokens, self.drafted, self.accepted, self.verify_steps,
+            tuple(a / o for a, o in zip(self.accepted_by_position, self.offered_by_position, strict=True)),
+            dict(sorted(self.levels_chosen.items())))
+
+
+@dataclass(frozen=True)
+class RequestTotals:
+    """A finished request's totals: its usage and accept statistics in the APIs, attributes of its trace."""
+
+    forwards: int  # forward passes spent decoding it (TiDAR draft passes included)
+    generated_tokens: int
+    drafted: int = 0  # drafts offered for verification (0: AR decoding)
+    accepted: int = 0  # drafts accepted
+    verify_steps: int = 0  # steps that verified at least one draft
+    acceptance_by_position: tuple[float, ...] = ()  # [i]: share of the i-th drafts of a block accepted
+    levels_chosen: dict[int, int] = field(default_factory=dict)  # proposal level -> steps that chose it
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per verify step (the accepted drafts and the AR token)."""
+        return 1 + self.accepted / self.verify_steps if self.verify_steps else 1.0
+
     def as_dict(self) -> dict:
-        tpf = self.generated_tokens / self.forwards if self.forwards else 0.0
-        out = {"forwards": self.forwards, "generated_tokens": self.generated_tokens, "tokens_per_forward": tpf}
+        """The JSON form (the HTTP answers' "tidal" field, `tidal generate --json`): the speculative
+        figures only where drafts ran."""
+        out = {"forwards": self.forwards, "generated_tokens": self.generated_tokens,
+               "tokens_per_forward": self.tokens_per_forward}
         if self.drafted or self.levels_chosen:
-            out.update(
-                drafted=self.drafted,
-                accepted=self.accepted,
-                acceptance_by_position=[a / o for a, o in zip(self.accepted_by_position, self.offered_by_position,
-                                                              strict=True)],
-                mean_acceptance_length=1 + self.accepted / self.verify_steps if self.verify_steps else 1.0,
-                levels_chosen={str(k): v for k, v in sorted(self.levels_chosen.items())},
-            )
+            out.update(drafted=self.drafted, accepted=self.accepted,
+                       acceptance_by_position=list(self.acceptance_by_position),
+                       mean_acceptance_length=self.mean_acceptance_length,
+                       levels_chosen={str(k): v for k, v in self.levels_chosen.items()})
         return out
+
+
+@dataclass(frozen=True)
+class RequestTimes:
+    """When a request passed each stage (unix seconds): its trace's queue and prefill spans."""
+
+    arrival: float
+    first_scheduled: float | None  # end of queueing (None: not known, as inside vLLM)
+    first_token: float | None  # end of prefill (None: not yet)
 
 
 @dataclass(eq=False)
@@ -153,7 +188,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    stats: dict
+    stats: RequestTotals | None  # on the finished output only
     error: str | None = None
     step: StepRecord | None = None  # this decode step's drafts and acceptance (None: a prefill chunk)
-    times: dict | None = None  # arrival, first_scheduled, first_token (unix seconds); for traces
+    times: RequestTimes | None = None

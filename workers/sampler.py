@@ -41,13 +41,6 @@ def sample_rows(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """[N, V] logits of one request -> [N] tokens (greedy when temperature is 0)."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    return sample_rows(target_probs(logits, params), generator)
-
-
 def draft(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> list[int]:
     """[k, V] diffusion logits -> k drafts: argmax (point mass) at temperature 0, else sampled from q."""
     if temperature == 0.0 or generator is None:

