@@ -85,6 +85,18 @@ def test_stdout_and_errors(capsys):
         rd.rayservice(ServeConfig(engine={"model": str(cpu)}))
 
 
+def test_serve_refuses_a_wrong_model_path_before_starting_ray(capsys, tmp_path):
+    import ray
+
+    started = ray.is_initialized()
+    assert cli.main(["serve", "--model", str(tmp_path / "nowhere"), "--mode", "ar"]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["serve", "--model", str(tmp_path / "empty")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert ray.is_initialized() == started  # refused at the edge: no cluster came up for it
+
+
 # ---- 2. the Serve config: Ray's schema, import paths, the typed config round trip ---------------------------
 
 

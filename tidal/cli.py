@@ -119,6 +119,7 @@ def cmd_serve(args) -> int:
     from router import app
     from router.config import AutoscalingConfig, ServeConfig
     from workers.config import InvalidRequest
+    from workers.loader import ModelLoadError, load_hf_config
 
     overrides = {"engine.model": args.model, "engine.mode": args.mode, "engine.ep_size": args.ep,
                  "grpc_port": args.grpc_port, "http_port": args.http_port, "http_host": args.http_host,
@@ -135,7 +136,8 @@ def cmd_serve(args) -> int:
         cfg = ServeConfig.load(args.config, **overrides)
         if auto:
             cfg = ServeConfig.load(args.config, **{**overrides, "engine.mode": auto_mode(cfg.engine.model, None)})
-    except InvalidRequest as e:
+        load_hf_config(cfg.engine.model)  # a wrong model path fails here, not in a replica after Ray starts
+    except (InvalidRequest, ModelLoadError) as e:
         print(f"tidal: error: {e}", file=sys.stderr)
         return 2
     ensure_ray(args.ray_address)

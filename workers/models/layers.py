@@ -50,11 +50,14 @@ def as_input_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_for_inference(model: nn.Module, input_major: bool) -> None:
-    """Once after loading: build every LinearGroup's fused weight and, with `input_major` (on CPU), store
-    linear and expert weights input-major. Names, shapes and values stay; a weight shared with the embedding
-    (tied head) keeps its layout, which the embedding's row lookups need."""
+    """Once after loading: build every LinearGroup's fused weight and what modules freeze for inference
+    (`freeze_for_inference`), and with `input_major` (on CPU) store linear and expert weights input-major.
+    Names, shapes and values stay; a weight shared with the embedding (tied head) keeps its layout, which
+    the embedding's row lookups need."""
     grouped: set[int] = set()  # layers whose weights are now views of a group's fused weight
     for module in model.modules():
+        if hasattr(module, "freeze_for_inference"):  # e.g. ZAYA's conv weight in its matmul layout
+            module.freeze_for_inference()
         for value in vars(module).values():
             if isinstance(value, LinearGroup):
                 value.freeze(input_major)
