@@ -74,6 +74,12 @@ class ServeConfig(BaseModel):
         STREAM_INTERVAL_MS, ge=0, le=10_000, description="a stream sends a request's new tokens at most this often "
         "(first and last at once); 0 sends every decode step")
     api_key: str | None = Field(None, description="when set, clients must send 'authorization: Bearer <key>'")
+    max_request_bytes: int = Field(4 << 20, ge=1 << 10, description="largest HTTP body (413 beyond) or gRPC "
+                                   "message (RESOURCE_EXHAUSTED beyond) accepted")
+    max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for "
+                                         "(400 / INVALID_ARGUMENT beyond); default: only the context bounds it")
+    grpc_max_streams_per_connection: int = Field(128, ge=1, description="concurrent RPCs one gRPC connection "
+                                                 "may hold (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)")
 
     @property
     def grpc_connection_age_s(self) -> float | None:

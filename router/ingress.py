@@ -13,6 +13,7 @@ answer names the replica that served it (`x-tidal-ingress` header, `tidal-ingres
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
 import asyncio
+import hmac
 import json
 import os
 import socket
@@ -36,7 +37,7 @@ from router.errors import Draining, EngineFailure, Unauthenticated, message_of, 
 from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
-from workers.loader import load_tokenizer
+from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
 from workers.request import RequestTotals, StepRecord
 
 INGRESS_ID = f"{socket.gethostname()}:{os.getpid()}"  # one ingress replica per process
@@ -63,6 +64,72 @@ class IngressHeader:
         await self.app(scope, receive, tagged)
 
 
+class BodyLimit:
+    """413 for a body over `max_request_bytes`, before anything parses it: by its Content-Length, or
+    counted as a chunked body streams in (pure ASGI, like IngressHeader)."""
+
+    max_bytes: int | None = None  # set by the ingress from its config (one ingress replica per process)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        limit = self.max_bytes
+        if scope["type"] != "http" or limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, limit)
+        seen, started, refused = 0, False, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:  # answer now; to the app the client has gone (it stops reading and answers nobody)
+                if not (started or refused):
+                    refused = True
+                    await self._refuse(send, limit)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def watched(message):
+            nonlocal started
+            if refused:
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except Exception:
+            if not refused:
+                raise
+
+    @staticmethod
+    async def _refuse(send, limit: int) -> None:
+        body = json.dumps(oa.error_body(f"request body is over {limit} bytes (max_request_bytes)", 413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def prompt_char_limit(tokenizer, config: ServeConfig) -> int | None:
+    """Characters beyond which a text prompt cannot fit the context, so it is refused before tokenizing:
+    the context times the longest token (no token decodes to more characters than its vocabulary entry
+    holds), doubled for normalizers that drop characters. None: no tokenizer or no known context."""
+    if tokenizer is None:
+        return None
+    context = config.engine.max_model_len
+    if context is None:
+        try:
+            context = getattr(load_hf_config(config.engine.model), "max_position_embeddings", None)
+        except ModelLoadError:  # the replica reports a broken model directory itself
+            return None
+    return 2 * context * max(map(len, tokenizer.get_vocab(with_added_tokens=True))) if context else None
+
+
+http_app.add_middleware(BodyLimit)
 http_app.add_middleware(IngressHeader)
 
 
@@ -113,8 +180,9 @@ class Ingress:
         self._info: dict | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
-        self.grpc, self.health = await grpc_server.start(self, self.config.grpc_host, self.config.grpc_port,
-                                                         self.config.grpc_connection_age_s)
+        BodyLimit.max_bytes = self.config.max_request_bytes
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.config)
+        self.grpc, self.health = await grpc_server.start(self, self.config)
         loop = asyncio.get_running_loop()
         # held so the loop keeps them: health status, reports to the coordinator, the drain long poll
         self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._report_loop()),
@@ -134,8 +202,10 @@ class Ingress:
         key = self.config.api_key
         if key is None:
             return
-        given = headers.get("authorization", "")
-        if given != f"Bearer {key}" and headers.get("x-api-key") != key:
+        bearer = headers.get("authorization", "").encode()
+        given = headers.get("x-api-key", "").encode()
+        # constant time: how long a wrong key takes to refuse says nothing about the right one
+        if not (hmac.compare_digest(bearer, f"Bearer {key}".encode()) or hmac.compare_digest(given, key.encode())):
             raise Unauthenticated("missing or wrong API key (send 'authorization: Bearer <key>')")
 
     def _request(self, prompt: str | list[int], sampling: dict, model: str | None, request_id: str | None,
@@ -147,10 +217,18 @@ class Ingress:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequest("this model has no tokenizer; send prompt token ids")
+            if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+                raise InvalidRequest(f"prompt has {len(prompt)} characters; no more than {self.max_prompt_chars} "
+                                     "can fit in the context (its length times the longest token, twice over)")
             prompt = self.tokenizer.encode(prompt).ids
         if not prompt:
             raise InvalidRequest("prompt is empty")
-        return EngineRequest(list(prompt), SamplingParams.make(**sampling), request_id or None, stream)
+        params = SamplingParams.make(**sampling)
+        limit = self.config.max_tokens_limit
+        if limit is not None and params.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens {params.max_tokens} is over this server's limit of {limit} "
+                                 "(max_tokens_limit)")
+        return EngineRequest(list(prompt), params, request_id or None, stream)
 
     async def _events(self, request: EngineRequest, carrier: dict[str, str], operation: str
                       ) -> AsyncIterator[StreamEvent]:

@@ -10,6 +10,7 @@ need a different ServeConfig, and a second Serve app next to the first is too he
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -27,7 +28,10 @@ import grpc
 import openai
 import pytest
 import ray  # noqa: E402
+import schemathesis
 from conftest import free_port, wait_ready
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proto import tidal_pb2 as pb  # noqa: E402
 from proto import tidal_pb2_grpc as pbg  # noqa: E402
@@ -39,7 +43,8 @@ MD = [("application", "tidal")]
 PROMPT = "Hello tidal"
 MAX_NUM_SEQS, MAX_QUEUED, MAX_ONGOING = 2, 4, 6
 MAX_MODEL_LEN = 4096  # make_zaya's max_position_embeddings; the KV pool below holds 2 such requests
-LONG = 4000  # tokens: a stream that would run for many seconds unless it is aborted
+LONG = 4000  # tokens: a stream that would run for many seconds unless it is aborted; also max_tokens_limit
+MAX_REQUEST_BYTES = 1 << 20
 # ingress replicas; gRPC connections recycled this often (longer than any deadline below: a deadline that
 # expires as its connection is recycled may end UNAVAILABLE, README 'Serving')
 INGRESSES, CONNECTION_AGE_S = 2, 2.0
@@ -156,7 +161,8 @@ def server(model_dir):
         "engine.max_num_seqs": MAX_NUM_SEQS, "engine.kv_cache_bytes": 4 << 20,
         "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING,
         "ingress_replicas": INGRESSES, "grpc_max_connection_age_s": CONNECTION_AGE_S,
-        "stream_interval_ms": 0})  # a message per decode step: the tests below count and cancel by message
+        "stream_interval_ms": 0,  # a message per decode step: the tests below count and cancel by message
+        "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_limit": LONG})
     srv = Server(model_dir, cfg.grpc_port, cfg.http_port)
     try:
         app.start(cfg)
@@ -415,6 +421,9 @@ BAD_GRPC = [
     ("oversize prompt", request("x" * (MAX_MODEL_LEN + 10), 4), f"context holds {MAX_MODEL_LEN}"),
     ("token id out of range", request([1, 2, 999], 4), "out of range"),
     ("bad top_p", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, top_p=0.0)), "top_p"),
+    ("max_tokens over the limit", request(PROMPT, LONG + 1), "max_tokens_limit"),
+    # the byte tokenizer's longest entry is '<mask>': 2 x 4096 x 6 characters can still fit, more cannot
+    ("prompt too long to tokenize", request("x" * 60_000, 4), "characters"),
 ]
 
 
@@ -446,6 +455,8 @@ BAD_HTTP = [
     ("missing prompt", {"max_tokens": 4}, "prompt"),
     ("wrong type", {"prompt": PROMPT, "max_tokens": "many"}, "max_tokens"),
     ("n > 1", {"prompt": PROMPT, "n": 2}, "n: Input should be less than or equal to 1"),
+    ("max_tokens over the limit", {"prompt": PROMPT, "max_tokens": LONG + 1}, "max_tokens_limit"),
+    ("prompt too long to tokenize", {"prompt": "x" * 60_000}, "characters"),
 ]
 
 
@@ -463,6 +474,25 @@ def test_http_bad_input(server, case):
         assert len(good.result(timeout=60)) == 16
     status, reply = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
     assert status == 200 and reply["usage"]["completion_tokens"] == 4
+
+
+def test_oversized_requests_are_refused_before_parsing(server):
+    text = "x" * (MAX_REQUEST_BYTES + 1000)
+    status, reply = http(f"{server.base}/v1/completions", {"prompt": text})  # Content-Length says so
+    assert status == 413 and "max_request_bytes" in reply["error"]["message"], reply
+    body = json.dumps({"prompt": text}).encode()
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))  # no Content-Length: counted as it comes
+    req = urllib.request.Request(f"{server.base}/v1/completions", data=chunks,
+                                 headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and "max_request_bytes" in json.loads(e.value.read())["error"]["message"]
+    with pytest.raises(grpc.RpcError) as e:
+        server.gen.Generate(request(text, 4), metadata=MD, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    status, reply = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 4
+    assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
 
 
 def test_openai_bad_request_error(client):
@@ -541,6 +571,84 @@ def test_http_overload(server):
     assert status == 200
 
 
+# ---- load: 64 mixed streams, a quarter cancelled, some with short deadlines -----------------------------
+
+LOAD_STREAMS = 64
+
+
+def _open_fds(pids: set[int]) -> int:
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
+def _load_stream(server, i: int, ingresses: set[int]) -> str:
+    """One client of the load test: gRPC or SSE, full, cancelled after its first message, or with a short
+    deadline. Returns its outcome; anything but a full answer, an early refusal, its own cancellation or
+    its own deadline fails the test."""
+    n, kind = 6 + 5 * (i % 5), ("grpc", "http", "grpc-cancel", "http-cancel", "grpc-deadline")[i % 5]
+    if kind.startswith("grpc"):
+        got, call = 0, server.gen.GenerateStream(request([3 + i % 50, 7], n), metadata=MD,
+                                                 timeout=0.3 if kind == "grpc-deadline" else 120)
+        try:
+            for message in call:
+                got += len(message.token_ids)
+                if kind == "grpc-cancel":
+                    call.cancel()
+        except grpc.RpcError as e:
+            served_by = dict(e.trailing_metadata() or ()).get("tidal-ingress")  # none on a client-side cancel
+            if served_by:
+                ingresses.add(int(served_by.rsplit(":", 1)[1]))
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and got == 0:
+                return "refused"
+            if e.code() == grpc.StatusCode.CANCELLED and kind == "grpc-cancel":
+                return "cancelled"
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and kind == "grpc-deadline":
+                return "deadline"
+            raise
+        ingresses.add(int(grpc_ingress(call).rsplit(":", 1)[1]))
+        assert got == n, (kind, got, n)
+        return "full"
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=120)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": [3 + i % 50, 7], "max_tokens": n, "stream": True,
+                                                             "ignore_eos": True}), {"content-type": "application/json"})
+        resp = conn.getresponse()
+        ingresses.add(int(resp.headers["x-tidal-ingress"].rsplit(":", 1)[1]))
+        if resp.status == 429:
+            return "refused"
+        assert resp.status == 200, resp.status
+        usage = None
+        for line in resp:
+            if line.startswith(b"data: {") and kind == "http-cancel":
+                conn.sock.shutdown(socket.SHUT_RDWR)
+                return "cancelled"
+            if line.startswith(b"data: {"):
+                usage = json.loads(line[6:]).get("usage") or usage
+        assert usage is not None and usage["completion_tokens"] == n, usage
+        return "full"
+    finally:
+        conn.close()
+
+
+def test_64_mixed_streams_all_end_and_leave_nothing_held(server):
+    """Each stream gets its full answer, or RESOURCE_EXHAUSTED / 429 before any token, or ends by its own
+    cancel or deadline; none hangs (generous bounds: liveness only); afterwards no request holds KV and
+    a second round opens no more file descriptors in the ingress processes than the first."""
+    fds, outcomes = [], collections.Counter()
+    for _ in range(2):
+        server.wait_idle(timeout_s=30)
+        ingresses: set[int] = set()
+        with ThreadPoolExecutor(LOAD_STREAMS) as ex:
+            futures = [ex.submit(_load_stream, server, i, ingresses) for i in range(LOAD_STREAMS)]
+            outcomes.update(f.result(timeout=180) for f in futures)
+        server.wait_idle(timeout_s=30)
+        fds.append(_open_fds(ingresses))
+    print("load outcomes:", dict(outcomes), "ingress fds after each round:", fds)
+    assert outcomes["full"] > 0 and outcomes["refused"] > 0 and outcomes["cancelled"] > 0, outcomes
+    assert fds[1] <= fds[0] + LOAD_STREAMS // 8, fds  # a leak per stream would be +64 or more; pools vary a little
+
+
 # ---- several ingress replicas ---------------------------------------------------------------------------
 
 
@@ -588,6 +696,127 @@ def test_grpc_connections_spread_over_the_ingresses(server):
                 break
             time.sleep(1.2 * CONNECTION_AGE_S)
     assert len(served_by) == INGRESSES
+
+
+# ---- 6. fuzzing: every answer is a success or a clear refusal, and the server serves on ---------------
+
+HTTP_ANSWERS = {200, 400, 401, 404, 405, 413, 429}  # 404 / 405: a path or method the API does not have
+GRPC_ANSWERS = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.UNAUTHENTICATED}
+FUZZ_MAX_TOKENS = 8  # the fuzz is about input handling: valid requests are cut short
+FUZZ_SEEN: collections.Counter = collections.Counter()  # (door, answer) -> count, over both fuzz tests
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    config = schemathesis.Config.from_dict({"seed": 17, "generation": {"mode": "all", "max-examples": 12}})
+    return schemathesis.openapi.from_url(f"{server.base}/openapi.json", config=config)
+
+
+openapi = schemathesis.pytest.from_fixture("api_schema")
+
+
+@openapi.parametrize()
+def test_openapi_fuzz_answers_only_successes_and_4xx(case, server):
+    """Schemathesis against the OpenAPI document FastAPI serves: valid and invalid bodies, wrong types,
+    missing and extra fields, other methods."""
+    if isinstance(case.body, dict):
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(case.body.get(key), int) and FUZZ_MAX_TOKENS < case.body[key] <= LONG:  # > LONG: 400
+                case.body[key] = FUZZ_MAX_TOKENS
+    response = case.call(base_url=server.base, timeout=60)
+    FUZZ_SEEN["http", response.status_code] += 1
+    assert response.status_code in HTTP_ANSWERS, (case.method, case.path, response.status_code, response.text[:300])
+
+
+def raw_grpc(server, method: str):
+    """A Generation method that sends and returns raw bytes (so they need not parse as the message)."""
+    stream = method == "GenerateStream"
+    make = server.channel.unary_stream if stream else server.channel.unary_unary
+    call = make(f"/tidal.v1.Generation/{method}", request_serializer=None, response_deserializer=None)
+    return (lambda data, **kw: list(call(data, **kw))) if stream else call
+
+
+EDGES = {  # SamplingParams / GenerateRequest fields and values a client may get wrong
+    "max_tokens": [0, (1 << 32) - 1], "temperature": [float("nan"), float("inf"), -1.0, 1e30],
+    "top_k": [(1 << 32) - 1], "top_p": [0.0, float("nan"), 2.0, -0.5], "seed": [(1 << 64) - 1],
+    "stop_token_ids": [[(1 << 32) - 1, 0]], "model": ["gpt-9", "\u0000", "x" * 500],
+    "token_ids": [[], [(1 << 32) - 1], [5] * (MAX_MODEL_LEN + 1)], "text": ["", "\u202e\U0001f600\u0301" * 50],
+}
+
+
+@st.composite
+def grpc_requests(draw) -> pb.GenerateRequest:
+    """A valid request (text or token ids, valid sampling), then with probability 2/3 one field set to an
+    edge value: half of what the fuzz sends should be served, half refused."""
+    sampling = pb.SamplingParams(max_tokens=draw(st.integers(1, FUZZ_MAX_TOKENS)),
+                                 temperature=draw(st.sampled_from([0.0, 0.7])), top_p=draw(st.sampled_from([1.0, 0.9])),
+                                 top_k=draw(st.sampled_from([0, 5])), seed=draw(st.integers(0, 1 << 20)),
+                                 ignore_eos=draw(st.booleans()))
+    if draw(st.booleans()):
+        message = pb.GenerateRequest(text=draw(st.text(min_size=1, max_size=200)), sampling=sampling)
+    else:
+        ids = draw(st.lists(st.integers(0, 255), min_size=1, max_size=200))
+        message = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    message.model = draw(st.sampled_from(["", "tidal"]))
+    message.request_id = draw(st.text(max_size=40))
+    if draw(st.integers(0, 2)):
+        field = draw(st.sampled_from(sorted(EDGES)))
+        value = draw(st.sampled_from(EDGES[field]))
+        if field in ("model", "text"):
+            setattr(message, field, value)
+        elif field == "token_ids":
+            message.token_ids.CopyFrom(pb.TokenIds(ids=value))
+        elif field == "stop_token_ids":
+            message.sampling.stop_token_ids[:] = value
+        else:
+            setattr(message.sampling, field, value)
+    return message
+
+
+def _bounded(data: bytes) -> bytes:
+    """A payload that parses has a max_tokens the server would serve cut to FUZZ_MAX_TOKENS; anything else
+    is sent as it is."""
+    try:
+        message = pb.GenerateRequest.FromString(data)
+    except Exception:
+        return data
+    if FUZZ_MAX_TOKENS < message.sampling.max_tokens <= LONG:  # beyond LONG: refused by max_tokens_limit
+        message.sampling.max_tokens = FUZZ_MAX_TOKENS
+    return message.SerializeToString()
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=grpc_requests().map(lambda m: m.SerializeToString()) | st.binary(max_size=64)
+       | st.binary(max_size=8).map(lambda b: b"\x1a\x02\xff\xfe" + b),  # text with invalid UTF-8
+       method=st.sampled_from(["Generate", "GenerateStream"]))
+def test_grpc_fuzz_answers_only_ok_and_clear_refusals(server, payload, method):
+    data = _bounded(payload)
+    try:
+        raw_grpc(server, method)(data, metadata=MD, timeout=60)
+        FUZZ_SEEN["grpc", "OK"] += 1
+    except grpc.RpcError as e:
+        FUZZ_SEEN["grpc", e.code().name] += 1
+        assert e.code() in GRPC_ANSWERS, (e.code(), e.details(), data[:80])
+
+
+def test_undecodable_requests_are_invalid_argument(server):
+    for method in ("Generate", "GenerateStream"):
+        for data in (b"\xff\xff\xff", b"\x1a\x02\xff\xfe"):  # corrupt wire format; bad UTF-8 in `text`
+            with pytest.raises(grpc.RpcError) as e:
+                raw_grpc(server, method)(data, metadata=MD, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+            assert "not a valid tidal.v1.GenerateRequest" in e.value.details()
+
+
+def test_after_fuzzing_no_request_holds_kv_and_the_server_serves(server):
+    print("fuzz answers:", dict(sorted(FUZZ_SEEN.items(), key=str)))
+    for door, ok, refused in (("http", 200, 400), ("grpc", "OK", "INVALID_ARGUMENT")):  # neither fuzz was vacuous
+        assert FUZZ_SEEN[door, ok] > 0 and FUZZ_SEEN[door, refused] > 0, FUZZ_SEEN
+    server.wait_idle(timeout_s=60)
+    assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
+    status, reply = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 4
 
 
 # ---- drain (last test on the module's app: it stops taking work) ---------------------------------------
