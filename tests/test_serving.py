@@ -576,74 +576,20 @@ def test_http_overload(server):
 LOAD_STREAMS = 64
 
 
-def _open_fds(pids: set[int]) -> int:
-    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
-
-
-def _load_stream(server, i: int, ingresses: set[int]) -> str:
-    """One client of the load test: gRPC or SSE, full, cancelled after its first message, or with a short
-    deadline. Returns its outcome; anything but a full answer, an early refusal, its own cancellation or
-    its own deadline fails the test."""
-    n, kind = 6 + 5 * (i % 5), ("grpc", "http", "grpc-cancel", "http-cancel", "grpc-deadline")[i % 5]
-    if kind.startswith("grpc"):
-        got, call = 0, server.gen.GenerateStream(request([3 + i % 50, 7], n), metadata=MD,
-                                                 timeout=0.3 if kind == "grpc-deadline" else 120)
-        try:
-            for message in call:
-                got += len(message.token_ids)
-                if kind == "grpc-cancel":
-                    call.cancel()
-        except grpc.RpcError as e:
-            served_by = dict(e.trailing_metadata() or ()).get("tidal-ingress")  # none on a client-side cancel
-            if served_by:
-                ingresses.add(int(served_by.rsplit(":", 1)[1]))
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and got == 0:
-                return "refused"
-            if e.code() == grpc.StatusCode.CANCELLED and kind == "grpc-cancel":
-                return "cancelled"
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and kind == "grpc-deadline":
-                return "deadline"
-            raise
-        ingresses.add(int(grpc_ingress(call).rsplit(":", 1)[1]))
-        assert got == n, (kind, got, n)
-        return "full"
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=120)
-    try:
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": [3 + i % 50, 7], "max_tokens": n, "stream": True,
-                                                             "ignore_eos": True}), {"content-type": "application/json"})
-        resp = conn.getresponse()
-        ingresses.add(int(resp.headers["x-tidal-ingress"].rsplit(":", 1)[1]))
-        if resp.status == 429:
-            return "refused"
-        assert resp.status == 200, resp.status
-        usage = None
-        for line in resp:
-            if line.startswith(b"data: {") and kind == "http-cancel":
-                conn.sock.shutdown(socket.SHUT_RDWR)
-                return "cancelled"
-            if line.startswith(b"data: {"):
-                usage = json.loads(line[6:]).get("usage") or usage
-        assert usage is not None and usage["completion_tokens"] == n, usage
-        return "full"
-    finally:
-        conn.close()
-
-
 def test_64_mixed_streams_all_end_and_leave_nothing_held(server):
-    """Each stream gets its full answer, or RESOURCE_EXHAUSTED / 429 before any token, or ends by its own
-    cancel or deadline; none hangs (generous bounds: liveness only); afterwards no request holds KV and
-    a second round opens no more file descriptors in the ingress processes than the first."""
+    """bench.load's round: each stream gets its full answer, or RESOURCE_EXHAUSTED / 429 before any token,
+    or ends by its own cancel or deadline; none hangs (a generous bound: liveness only); afterwards no
+    request holds KV, and a second round leaves no more file descriptors open in the ingresses than the first."""
+    from bench.load import load_round, open_fds
+
     fds, outcomes = [], collections.Counter()
     for _ in range(2):
         server.wait_idle(timeout_s=30)
-        ingresses: set[int] = set()
-        with ThreadPoolExecutor(LOAD_STREAMS) as ex:
-            futures = [ex.submit(_load_stream, server, i, ingresses) for i in range(LOAD_STREAMS)]
-            outcomes.update(f.result(timeout=180) for f in futures)
+        got, pids, errors = load_round(server.gen, server.http_port, LOAD_STREAMS, 26, hang_s=180, metadata=MD)
+        assert not errors and got["hung"] == 0, (got, errors)
+        outcomes.update(got)
         server.wait_idle(timeout_s=30)
-        fds.append(_open_fds(ingresses))
+        fds.append(open_fds(pids))
     print("load outcomes:", dict(outcomes), "ingress fds after each round:", fds)
     assert outcomes["full"] > 0 and outcomes["refused"] > 0 and outcomes["cancelled"] > 0, outcomes
     assert fds[1] <= fds[0] + LOAD_STREAMS // 8, fds  # a leak per stream would be +64 or more; pools vary a little
