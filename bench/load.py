@@ -90,12 +90,14 @@ def one_stream(gen, http_port: int, i: int, max_tokens: int, metadata=(), ingres
         conn.close()
 
 
-def load_round(gen, http_port: int, streams: int, max_tokens: int, hang_s: float, metadata=()
+def load_round(gens: list, http_port: int, streams: int, max_tokens: int, hang_s: float, metadata=()
                ) -> tuple[collections.Counter, set[int], list[str]]:
-    """All streams at once; (outcomes, ingress pids seen, errors). A stream still open after hang_s is 'hung'."""
+    """All streams at once, gRPC ones spread over the stubs `gens` (their channels); (outcomes, ingress
+    pids seen, errors). A stream still open after hang_s is 'hung'."""
     outcomes, ingresses, errors = collections.Counter(), set(), []
     with ThreadPoolExecutor(streams) as ex:
-        futures = [ex.submit(one_stream, gen, http_port, i, max_tokens, metadata, ingresses) for i in range(streams)]
+        futures = [ex.submit(one_stream, gens[i % len(gens)], http_port, i, max_tokens, metadata, ingresses)
+                   for i in range(streams)]
         done, hung = wait(futures, timeout=hang_s)
         outcomes["hung"] += len(hung)
         for f in done:
@@ -135,7 +137,7 @@ def main() -> None:
         gen, ctl = pbg.GenerationStub(channel), pbg.ControlStub(channel)
         for r in range(args.rounds):
             t0 = time.perf_counter()
-            outcomes, pids, errors = load_round(gen, args.port, args.streams, args.max_tokens, args.hang_s)
+            outcomes, pids, errors = load_round([gen], args.port, args.streams, args.max_tokens, args.hang_s)
             wall = time.perf_counter() - t0
             deadline = time.time() + 60
             while (s := ctl.GetStats(pb.StatsRequest(), timeout=10)).running and time.time() < deadline:

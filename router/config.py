@@ -78,8 +78,8 @@ class ServeConfig(BaseModel):
                                    "message (RESOURCE_EXHAUSTED beyond) accepted")
     max_tokens_limit: int | None = Field(None, ge=1, description="largest max_tokens a request may ask for "
                                          "(400 / INVALID_ARGUMENT beyond); default: only the context bounds it")
-    grpc_max_streams_per_connection: int = Field(128, ge=1, description="concurrent RPCs one gRPC connection "
-                                                 "may hold (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)")
+    grpc_max_streams_per_connection: int = Field(256, ge=1, description="generation calls one gRPC connection "
+                                                 "may have open at once (RESOURCE_EXHAUSTED beyond)")
 
     @property
     def grpc_connection_age_s(self) -> float | None:

@@ -40,10 +40,13 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, int]:
         if isinstance(cause, kind) or isinstance(err, kind):
             return codes
     try:
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
         if isinstance(err, BackPressureError):
             return grpc.StatusCode.RESOURCE_EXHAUSTED, 429
+        if isinstance(err, (RayActorError, ActorUnavailableError)):  # the engine replica died or is restarting
+            return grpc.StatusCode.UNAVAILABLE, 503
     except ImportError:
         pass
     return grpc.StatusCode.INTERNAL, 500

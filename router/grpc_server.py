@@ -37,8 +37,7 @@ async def start(servicer, config: ServeConfig) -> tuple[grpc.aio.Server, health.
     age = [] if age_s is None else [
         ("grpc.max_connection_age_ms", int(age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", (1 << 31) - 1)]  # streams on an old connection run to their end
-    limits = [("grpc.max_receive_message_length", config.max_request_bytes),
-              ("grpc.max_concurrent_streams", config.grpc_max_streams_per_connection)]
+    limits = [("grpc.max_receive_message_length", config.max_request_bytes)]
     server = grpc.aio.server(options=SERVER_OPTIONS + age + limits)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, s) for s in pb.DESCRIPTOR.services_by_name.values()))
     health_servicer = health.aio.HealthServicer()

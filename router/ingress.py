@@ -33,7 +33,7 @@ from router import grpc_server, telemetry
 from router import openai_api as oa
 from router.config import ServeConfig
 from router.coordinator import IngressReport
-from router.errors import Draining, EngineFailure, Unauthenticated, message_of, status_of
+from router.errors import Draining, EngineFailure, Overloaded, Unauthenticated, message_of, status_of
 from router.events import EngineRequest, StreamEvent
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
@@ -177,6 +177,7 @@ class Ingress:
         self.tokenizer = load_tokenizer(self.config.engine.model)
         self.draining = False
         self.in_flight = 0
+        self._streams_by_peer: dict[str, int] = {}  # open generation calls per gRPC connection (its peer)
         self._info: dict | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
@@ -262,6 +263,8 @@ class Ingress:
                                              "gen_ai.usage.input_tokens": event.prompt_tokens,
                                              "gen_ai.usage.output_tokens": event.stats.generated_tokens})
                 yield event
+            if outcome == "cancelled":  # no last event: Ray ended the stream because its replica died
+                raise EngineFailure("the engine replica serving this request went away; retry")
         except Exception as e:
             outcome = "error" if status_of(e)[1] >= 500 else None  # refusals are counted by _rejected
             span.set_status(StatusCode.ERROR, message_of(e))
@@ -294,12 +297,30 @@ class Ingress:
     def _grpc_request(self, request: pb.GenerateRequest, grpc_context, stream: bool) -> EngineRequest:
         grpc_context.set_trailing_metadata((("tidal-ingress", INGRESS_ID),))
         self._authorize(dict(grpc_context.invocation_metadata()))
+        self._hold_stream(grpc_context)
         s = request.sampling
         sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
                     if s.HasField(name)}
         sampling.update(stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id, stream)
+
+    def _hold_stream(self, grpc_context) -> None:
+        """Count the call against its connection's grpc_max_streams_per_connection until it ends. Enforced
+        here, not as HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS: a client that opens streams before it reads
+        the server's settings gets those refused as UNAVAILABLE ("Stream removed"), not a clear refusal."""
+        peer, limit = grpc_context.peer(), self.config.grpc_max_streams_per_connection
+        if self._streams_by_peer.get(peer, 0) >= limit:
+            raise Overloaded(f"this connection already has {limit} generation calls open "
+                             "(grpc_max_streams_per_connection)")
+        self._streams_by_peer[peer] = self._streams_by_peer.get(peer, 0) + 1
+
+        def release(_):
+            left = self._streams_by_peer.pop(peer) - 1
+            if left:
+                self._streams_by_peer[peer] = left
+
+        grpc_context.add_done_callback(release)
 
     def _grpc_events(self, req: EngineRequest, grpc_context) -> AsyncIterator[StreamEvent]:
         events = self._events(req, dict(grpc_context.invocation_metadata()), "text_completion")

@@ -102,3 +102,47 @@ def test_killed_worker_fails_requests_then_group_rebuilds(checkpoints):
         assert len(live) == 1  # the dead group's placement group was removed
     finally:
         engine.runner.shutdown()
+
+
+def test_a_killed_worker_under_load_ends_every_stream_with_an_error_then_serves(checkpoints):
+    """The kill drill through an engine replica (the router's view, Ray Serve left out): three streams
+    run on an EP = 2 group, one worker actor dies; every stream's last event is finish_reason 'error'
+    with the group's failure (the ingress answers UNAVAILABLE / 503 for it), and the next request runs on a
+    rebuilt group with the same tokens as before. Times go to docs/reliability.md; bounds catch a hang."""
+    import asyncio
+
+    from router.engine_replica import EngineReplica
+    from router.events import EngineRequest
+
+    config = EngineConfig(model=checkpoints["zaya"], ep_size=2, worker_timeout_s=20)
+    replica = EngineReplica(config.model_dump(mode="json"), max_queued=8)
+
+    async def drill():
+        expected = [t for e in [e async for e in replica.generate(EngineRequest(PROMPTS[1], GREEDY))]
+                    for t in e.token_ids]
+        long = SamplingParams(max_tokens=400, ignore_eos=True)
+        streams = [replica.generate(EngineRequest(p, long)) for p in (*PROMPTS, PROMPTS[0])]
+        for s in streams:
+            assert (await anext(s)).token_ids  # all three are decoding
+        killed = time.monotonic()
+        ray.kill(replica.engine.runner.workers[1])
+        ended = []
+        for s in streams:
+            events = [e async for e in s]
+            assert events and events[-1].finished and events[-1].finish_reason == "error", events[-1:]
+            assert "worker group failed" in events[-1].error
+            ended.append(time.monotonic() - killed)
+        assert max(ended) < 60
+        again = [t for e in [e async for e in replica.generate(EngineRequest(PROMPTS[1], GREEDY))] for t in e.token_ids]
+        recovered = time.monotonic() - killed
+        assert again == expected
+        return ended, recovered
+
+    try:
+        ended, recovered = asyncio.run(drill())
+        print(f"worker drill: streams ended after {[round(t, 2) for t in ended]} s, served again after "
+              f"{recovered:.1f} s")
+        assert replica.engine.load().kv_usage == 0.0
+    finally:
+        replica.async_engine.shutdown()
+        replica.engine.runner.shutdown()
