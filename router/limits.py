@@ -11,6 +11,7 @@ from workers.loader import ModelLoadError, load_hf_config
 
 DRAIN_FACTOR = 4  # after a 413, up to this many times the limit of the body is read and dropped
 
+
 class BodyLimit:
     """413 for a body over `max_request_bytes`, before anything parses it: by its Content-Length, or
     counted as a chunked body streams in (pure ASGI, like IngressHeader)."""
