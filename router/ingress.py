@@ -8,7 +8,8 @@ Several ingress replicas run side by side (`ingress_replicas`): Serve's proxy sp
 them, and all of them listen on the gRPC port (SO_REUSEPORT: the kernel spreads connections, which are
 recycled every `grpc_max_connection_age_s`, so one long-lived client channel moves between them too).
 They share the drain state and their metrics through the coordinator (router/coordinator.py). Every
-answer names the replica that served it (`x-tidal-ingress` header, `tidal-ingress` trailing metadata).
+answer names the replica that served it (`x-tidal-ingress` header, `tidal-ingress` trailing metadata, and
+on a stream initial metadata too).
 """
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
@@ -309,6 +310,7 @@ class Ingress:
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             req = self._grpc_request(request, grpc_context, stream=True)
+            await grpc_context.send_initial_metadata((("tidal-ingress", INGRESS_ID),))  # known from the first message
             text = Detokenizer(self.tokenizer if request.return_text else None)
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
