@@ -22,7 +22,7 @@ from opentelemetry import trace
 
 from router import telemetry
 from router.errors import Overloaded
-from router.events import EngineRequest, StreamEvent
+from router.events import EngineRequest, ReplicaInfo, StreamEvent
 from router.stats import ReplicaLoad, StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.backends import create_engine
@@ -116,12 +116,10 @@ class EngineReplica:
         load = self.load()
         return {"queue_depth": float(load.queue_depth), "running": float(load.running), "kv_usage": load.kv_usage}
 
-    def model_info(self) -> dict:
-        c, info = self.config, self.engine.info
-        rule = c.tidar
-        return {"architecture": info.architecture, "vocab_size": info.vocab_size, "max_model_len": info.max_model_len,
-                "mode": c.mode, "block_size": rule.block_size, "levels": list(rule.levels), "sampler": rule.sampler,
-                "expert_parallel": c.ep_size, "eos_token_ids": list(info.eos_token_ids)}
+    def model_info(self) -> ReplicaInfo:
+        c, info, rule = self.config, self.engine.info, self.config.tidar
+        return ReplicaInfo(info.architecture, info.vocab_size, info.max_model_len, c.mode, rule.block_size,
+                           tuple(rule.levels), rule.sampler, c.ep_size, tuple(info.eos_token_ids))
 
     def _ensure_reporter(self) -> None:
         # the board is a Ray actor: outside Ray (a replica used in process) there is nowhere to report, and

@@ -8,6 +8,21 @@ from workers.config import SamplingParams
 from workers.request import RequestTotals, StepRecord
 
 
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What an engine replica serves (the gRPC ModelInfo, less the served name the ingress adds)."""
+
+    architecture: str  # the checkpoint's class, e.g. ZayaForCausalLM
+    vocab_size: int
+    max_model_len: int  # prompt plus output, in tokens
+    mode: str  # tidar | ar
+    block_size: int  # K: drafts verified per TiDAR step
+    levels: tuple[int, ...]  # TiDAR proposal levels
+    sampler: str  # lossless | mix
+    expert_parallel: int  # worker actors per replica
+    eos_token_ids: tuple[int, ...]
+
+
 @dataclass
 class EngineRequest:
     """One generation request as the ingress hands it to a replica (validated and tokenized at the edge)."""

@@ -14,6 +14,7 @@ on a stream initial metadata too).
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in route signatures
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -35,7 +36,7 @@ from router import openai_api as oa
 from router.config import ServeConfig
 from router.coordinator import IngressReport
 from router.errors import Draining, EngineFailure, Overloaded, Unauthenticated, message_of, status_of
-from router.events import EngineRequest, StreamEvent
+from router.events import EngineRequest, ReplicaInfo, StreamEvent
 from router.limits import BodyLimit, prompt_char_limit
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
@@ -115,7 +116,7 @@ class Ingress:
         self.draining = False
         self.in_flight = 0
         self._streams_by_peer: dict[str, int] = {}  # open generation calls per gRPC connection (its peer)
-        self._info: dict | None = None
+        self._info: ReplicaInfo | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
         BodyLimit.max_bytes = self.config.max_request_bytes
@@ -224,7 +225,7 @@ class Ingress:
         _, status = status_of(err)
         self.metrics.rejected.labels(self.config.model_name, str(status)).inc()
 
-    async def _model_info(self) -> dict:
+    async def _model_info(self) -> ReplicaInfo:
         if self._info is None:
             self._info = await self.engine.model_info.remote()
         return self._info
@@ -349,7 +350,7 @@ class Ingress:
     async def GetModelInfo(self, request: pb.ModelInfoRequest, grpc_context) -> pb.ModelInfo:
         if not self._grpc_authorized(grpc_context):
             return pb.ModelInfo()
-        return pb.ModelInfo(model=self.config.model_name, **await self._model_info())
+        return pb.ModelInfo(model=self.config.model_name, **dataclasses.asdict(await self._model_info()))
 
     async def GetStats(self, request: pb.StatsRequest, grpc_context) -> pb.Stats:
         if not self._grpc_authorized(grpc_context):

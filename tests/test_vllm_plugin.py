@@ -170,7 +170,7 @@ def test_the_router_replica_runs_over_the_vllm_engine(ckpts):
         assert [t for e in events for t in e.token_ids] == ckpt.greedy(prompt, 9)
         assert events[-1].finished and events[-1].finish_reason == "length"
         info = replica.model_info()
-        assert info["architecture"] == "Qwen3ForCausalLM" and info["max_model_len"] > 16
+        assert info.architecture == "Qwen3ForCausalLM" and info.max_model_len > 16
         load = replica.load()
         assert (load.queue_depth, load.running) == (0, 0) and load.steps > 0
     finally:
