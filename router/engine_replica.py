@@ -21,6 +21,7 @@ import ray
 from opentelemetry import trace
 
 from router import telemetry
+from router.caller_watch import CallerWatch
 from router.errors import Overloaded
 from router.events import EngineRequest, ReplicaInfo, StreamEvent
 from router.stats import ReplicaLoad, StatsBoard
@@ -39,12 +40,13 @@ class EngineReplica:
         self.stream_interval_s = stream_interval_ms / 1000
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.finished = self.drafted = self.accepted = self.verify_steps = 0  # totals over every request
-        self._report_task = None
+        self.callers = CallerWatch()
+        self._background: list[asyncio.Task] | None = None  # the load reports and the caller watch, held
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StreamEvent]:
         """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
         first and the last at once; the request's totals ride on the last event only."""
-        self._ensure_reporter()
+        self._ensure_background()
         if self.engine.load().waiting >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = request.sampling
@@ -53,8 +55,13 @@ class EngineReplica:
         first, last, pending, sent_at = True, None, None, 0.0
         loop = asyncio.get_running_loop()
         stream = self.async_engine.generate(request.prompt, params, request.request_id)
+        caller = request.caller
+        if caller is not None:
+            self.callers.hold(caller)
         try:
             async for out in stream:
+                if caller is not None and caller.actor_id in self.callers.dead:
+                    break  # its ingress died: nobody reads on, so abort it (in `finally`) instead of decoding on
                 self._account(out)
                 if span.is_recording():
                     self._trace(span, out, first)
@@ -65,6 +72,8 @@ class EngineReplica:
                 first, last = False, out
         finally:
             await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
+            if caller is not None:
+                self.callers.release(caller)
             if span.is_recording() and last is not None:
                 span.set_attribute("tidal.finish_reason", last.finish_reason or "cancelled")
                 if last.stats is not None:
@@ -121,11 +130,12 @@ class EngineReplica:
         return ReplicaInfo(info.architecture, info.vocab_size, info.max_model_len, c.mode, rule.block_size,
                            tuple(rule.levels), rule.sampler, c.ep_size, tuple(info.eos_token_ids))
 
-    def _ensure_reporter(self) -> None:
+    def _ensure_background(self) -> None:
         # the board is a Ray actor: outside Ray (a replica used in process) there is nowhere to report, and
         # creating the actor would auto-start a local Ray cluster from inside the event loop
-        if self._report_task is None and ray.is_initialized():
-            self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+        if self._background is None and ray.is_initialized():
+            loop = asyncio.get_running_loop()
+            self._background = [loop.create_task(self._report_loop()), loop.create_task(self.callers.run())]
 
     async def _report_loop(self) -> None:
         board = StatsBoard.get()

@@ -23,6 +23,14 @@ class ReplicaInfo:
     eos_token_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Caller:
+    """The ingress replica that sent a request: the engine replica stops the request if it dies."""
+
+    actor_id: str  # its Ray actor id (hex)
+    handle: object  # its Ray actor handle, to probe
+
+
 @dataclass
 class EngineRequest:
     """One generation request as the ingress hands it to a replica (validated and tokenized at the edge)."""
@@ -32,6 +40,7 @@ class EngineRequest:
     request_id: str | None = None  # the client's id, or None for a fresh one
     stream: bool = True  # the client reads tokens as they come; False: only the first and the last event matter
     trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the ingress span
+    caller: Caller | None = None  # None: a caller outside Ray (tests, in process)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,7 +37,7 @@ from router import openai_api as oa
 from router.config import ServeConfig
 from router.coordinator import IngressReport
 from router.errors import Draining, EngineFailure, Overloaded, Unauthenticated, message_of, status_of
-from router.events import EngineRequest, ReplicaInfo, StreamEvent
+from router.events import Caller, EngineRequest, ReplicaInfo, StreamEvent
 from router.limits import BodyLimit, prompt_char_limit
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
@@ -116,6 +117,8 @@ class Ingress:
         self.draining = False
         self.in_flight = 0
         self._streams_by_peer: dict[str, int] = {}  # open generation calls per gRPC connection (its peer)
+        context = ray.get_runtime_context()  # this ingress is a Serve replica: a Ray actor
+        self.caller = Caller(context.get_actor_id(), context.current_actor)
         self._info: ReplicaInfo | None = None
         telemetry.setup_tracing()
         self.metrics = telemetry.Metrics(self.config.model_name)
@@ -167,7 +170,7 @@ class Ingress:
         if limit is not None and params.max_tokens > limit:
             raise InvalidRequest(f"max_tokens {params.max_tokens} is over this server's limit of {limit} "
                                  "(max_tokens_limit)")
-        return EngineRequest(list(prompt), params, request_id or None, stream)
+        return EngineRequest(list(prompt), params, request_id or None, stream, caller=self.caller)
 
     async def _events(self, request: EngineRequest, carrier: dict[str, str], operation: str
                       ) -> AsyncIterator[StreamEvent]:

@@ -169,7 +169,7 @@ def test_replica_without_tracing(replica, monkeypatch):
     # the stats reporter needs Ray; a replica used without it must not start a Ray cluster on its own
     assert ray.is_initialized() == ray_before
     if not ray_before:
-        assert replica._report_task is None
+        assert replica._background is None
 
 
 def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny_model):
