@@ -57,8 +57,17 @@ class _Board:
 
 
 class StatsBoard:
-    @staticmethod
-    def get():
-        """The cluster's one board, created on first use (detached: it outlives any replica)."""
-        return ray.remote(_Board).options(name=BOARD_NAME, namespace="tidal", get_if_exists=True, lifetime="detached",
-                                          num_cpus=0).remote()
+    _handles: dict[str, object] = {}  # Ray session -> this process's handle, made once
+
+    @classmethod
+    def get(cls):
+        """The cluster's one board, created on first use (detached: it outlives any replica; restarted by
+        Ray if its process dies, so a handle stays good). Made once per process and Ray session: the
+        ingress asks every second, and each `ray.remote(_Board)` built a new actor class that Ray kept (the
+        ingress grew ~3 KB per call in the soak; docs/reliability.md)."""
+        session = ray.get_runtime_context().get_session_name()
+        if session not in cls._handles:
+            cls._handles[session] = ray.remote(_Board).options(
+                name=BOARD_NAME, namespace="tidal", get_if_exists=True, lifetime="detached", num_cpus=0,
+                max_restarts=-1, max_task_retries=-1).remote()
+        return cls._handles[session]
