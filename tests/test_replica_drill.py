@@ -29,8 +29,7 @@ LONG = 3000  # tokens: streams that run for seconds after the kill
 
 
 def request(max_tokens: int) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(text="Hello tidal", sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    return req
+    return pb.GenerateRequest(text="Hello tidal", sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
 @pytest.fixture(scope="module")
