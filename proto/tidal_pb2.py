@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/tidal.proto\x12\x08tidal.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe6\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.tidal.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.tidal.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\xc8\x01\n\x0b\x41\x63\x63\x65ptStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x02\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x02\x12\x12\n\x05level\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_levelB\r\n\x0b_batch_size\"e\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12*\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x15.tidal.v1.AcceptStats\"~\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.tidal.v1.Usage\"\xcf\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x04step\x18\x04 \x01(\x0b\x32\x15.tidal.v1.AcceptStats\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.tidal.v1.Usage\x12$\n\x05steps\x18\x07 \x03(\x0b\x32\x15.tidal.v1.AcceptStats\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.tidal.v1.HealthResponse.Status\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x12\n\x10ModelInfoRequest\"\xce\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06levels\x18\x07 \x03(\r\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x17\n\x0f\x65xpert_parallel\x18\t \x01(\r\x12\x15\n\reos_token_ids\x18\n \x03(\r\"\x0e\n\x0cStatsRequest\"\xc1\x01\n\x05Stats\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x0f\n\x07\x64rafted\x18\x05 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x04\x12\x1e\n\x16mean_acceptance_length\x18\x07 \x01(\x02\x12\x19\n\x11\x66inished_requests\x18\x08 \x01(\x04\x12\x10\n\x08\x66orwards\x18\t \x01(\x04\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r2\xa0\x01\n\nGeneration\x12\x41\n\x08Generate\x12\x19.tidal.v1.GenerateRequest\x1a\x1a.tidal.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.tidal.v1.GenerateRequest\x1a .tidal.v1.GenerateStreamResponse0\x01\x32\xf6\x01\n\x07\x43ontrol\x12;\n\x06Health\x12\x17.tidal.v1.HealthRequest\x1a\x18.tidal.v1.HealthResponse\x12?\n\x0cGetModelInfo\x12\x1a.tidal.v1.ModelInfoRequest\x1a\x13.tidal.v1.ModelInfo\x12\x33\n\x08GetStats\x12\x16.tidal.v1.StatsRequest\x1a\x0f.tidal.v1.Stats\x12\x38\n\x05\x44rain\x12\x16.tidal.v1.DrainRequest\x1a\x17.tidal.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/tidal.proto\x12\x08tidal.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xe6\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x12.tidal.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.tidal.v1.SamplingParams\x12\x13\n\x0breturn_text\x18\x06 \x01(\x08\x42\x08\n\x06prompt\"\xc8\x01\n\x0b\x41\x63\x63\x65ptStats\x12\x10\n\x08\x66orwards\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x02\x12\x1e\n\x16\x61\x63\x63\x65ptance_by_position\x18\x05 \x03(\x02\x12\x12\n\x05level\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nbatch_size\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_levelB\r\n\x0b_batch_size\"|\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12*\n\x0bspeculative\x18\x03 \x01(\x0b\x32\x15.tidal.v1.AcceptStats\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"~\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.tidal.v1.Usage\"\xcf\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12#\n\x04step\x18\x04 \x01(\x0b\x32\x15.tidal.v1.AcceptStats\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.tidal.v1.Usage\x12$\n\x05steps\x18\x07 \x03(\x0b\x32\x15.tidal.v1.AcceptStats\"\x0f\n\rHealthRequest\"v\n\x0eHealthResponse\x12/\n\x06status\x18\x01 \x01(\x0e\x32\x1f.tidal.v1.HealthResponse.Status\"3\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x12\n\x10ModelInfoRequest\"\xce\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x0e\n\x06levels\x18\x07 \x03(\r\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x17\n\x0f\x65xpert_parallel\x18\t \x01(\r\x12\x15\n\reos_token_ids\x18\n \x03(\r\"\x0e\n\x0cStatsRequest\"\xdd\x01\n\x05Stats\x12\x10\n\x08replicas\x18\x01 \x01(\r\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\r\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x10\n\x08kv_usage\x18\x04 \x01(\x02\x12\x0f\n\x07\x64rafted\x18\x05 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x06 \x01(\x04\x12\x1e\n\x16mean_acceptance_length\x18\x07 \x01(\x02\x12\x19\n\x11\x66inished_requests\x18\x08 \x01(\x04\x12\x10\n\x08\x66orwards\x18\t \x01(\x04\x12\x1a\n\x12prefix_cache_usage\x18\n \x01(\x02\"\x0e\n\x0c\x44rainRequest\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r2\xa0\x01\n\nGeneration\x12\x41\n\x08Generate\x12\x19.tidal.v1.GenerateRequest\x1a\x1a.tidal.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.tidal.v1.GenerateRequest\x1a .tidal.v1.GenerateStreamResponse0\x01\x32\xf6\x01\n\x07\x43ontrol\x12;\n\x06Health\x12\x17.tidal.v1.HealthRequest\x1a\x18.tidal.v1.HealthResponse\x12?\n\x0cGetModelInfo\x12\x1a.tidal.v1.ModelInfoRequest\x1a\x13.tidal.v1.ModelInfo\x12\x33\n\x08GetStats\x12\x16.tidal.v1.StatsRequest\x1a\x0f.tidal.v1.Stats\x12\x38\n\x05\x44rain\x12\x16.tidal.v1.DrainRequest\x1a\x17.tidal.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCEPTSTATS']._serialized_start=477
   _globals['_ACCEPTSTATS']._serialized_end=677
   _globals['_USAGE']._serialized_start=679
-  _globals['_USAGE']._serialized_end=780
-  _globals['_GENERATERESPONSE']._serialized_start=782
-  _globals['_GENERATERESPONSE']._serialized_end=908
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=911
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1118
-  _globals['_HEALTHREQUEST']._serialized_start=1120
-  _globals['_HEALTHREQUEST']._serialized_end=1135
-  _globals['_HEALTHRESPONSE']._serialized_start=1137
-  _globals['_HEALTHRESPONSE']._serialized_end=1255
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1204
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1255
-  _globals['_MODELINFOREQUEST']._serialized_start=1257
-  _globals['_MODELINFOREQUEST']._serialized_end=1275
-  _globals['_MODELINFO']._serialized_start=1278
-  _globals['_MODELINFO']._serialized_end=1484
-  _globals['_STATSREQUEST']._serialized_start=1486
-  _globals['_STATSREQUEST']._serialized_end=1500
-  _globals['_STATS']._serialized_start=1503
-  _globals['_STATS']._serialized_end=1696
-  _globals['_DRAINREQUEST']._serialized_start=1698
-  _globals['_DRAINREQUEST']._serialized_end=1712
-  _globals['_DRAINRESPONSE']._serialized_start=1714
-  _globals['_DRAINRESPONSE']._serialized_end=1748
-  _globals['_GENERATION']._serialized_start=1751
-  _globals['_GENERATION']._serialized_end=1911
-  _globals['_CONTROL']._serialized_start=1914
-  _globals['_CONTROL']._serialized_end=2160
+  _globals['_USAGE']._serialized_end=803
+  _globals['_GENERATERESPONSE']._serialized_start=805
+  _globals['_GENERATERESPONSE']._serialized_end=931
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=934
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1141
+  _globals['_HEALTHREQUEST']._serialized_start=1143
+  _globals['_HEALTHREQUEST']._serialized_end=1158
+  _globals['_HEALTHRESPONSE']._serialized_start=1160
+  _globals['_HEALTHRESPONSE']._serialized_end=1278
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1227
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1278
+  _globals['_MODELINFOREQUEST']._serialized_start=1280
+  _globals['_MODELINFOREQUEST']._serialized_end=1298
+  _globals['_MODELINFO']._serialized_start=1301
+  _globals['_MODELINFO']._serialized_end=1507
+  _globals['_STATSREQUEST']._serialized_start=1509
+  _globals['_STATSREQUEST']._serialized_end=1523
+  _globals['_STATS']._serialized_start=1526
+  _globals['_STATS']._serialized_end=1747
+  _globals['_DRAINREQUEST']._serialized_start=1749
+  _globals['_DRAINREQUEST']._serialized_end=1763
+  _globals['_DRAINRESPONSE']._serialized_start=1765
+  _globals['_DRAINRESPONSE']._serialized_end=1799
+  _globals['_GENERATION']._serialized_start=1802
+  _globals['_GENERATION']._serialized_end=1962
+  _globals['_CONTROL']._serialized_start=1965
+  _globals['_CONTROL']._serialized_end=2211
 # @@protoc_insertion_point(module_scope)

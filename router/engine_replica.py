@@ -118,7 +118,7 @@ class EngineReplica:
     def load(self) -> ReplicaLoad:
         e = self.engine.load()
         return ReplicaLoad(e.waiting, e.running, e.kv_usage, e.steps, self.finished, self.drafted, self.accepted,
-                           self.verify_steps)
+                           self.verify_steps, e.prefix_cache_usage)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this every metrics interval; router/autoscaling.py sizes the deployment from it."""

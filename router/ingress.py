@@ -198,11 +198,13 @@ class Ingress:
                 last = now
                 if event.finished:
                     outcome = event.finish_reason
+                    self.metrics.finished(event.prompt_tokens, event.stats)
                     if span.is_recording():
                         span.set_attributes({"gen_ai.response.id": event.request_id,
                                              "gen_ai.response.finish_reasons": [outcome],
                                              "gen_ai.usage.input_tokens": event.prompt_tokens,
-                                             "gen_ai.usage.output_tokens": event.stats.generated_tokens})
+                                             "gen_ai.usage.output_tokens": event.stats.generated_tokens,
+                                             "tidal.cached_tokens": event.stats.cached_tokens})
                 yield event
             if outcome == "cancelled":  # no last event: Ray ended the stream because its replica died
                 raise EngineFailure("the engine replica serving this request went away; retry")
@@ -293,6 +295,7 @@ class Ingress:
 
     def _usage(self, event: StreamEvent) -> pb.Usage:
         return pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.stats.generated_tokens,
+                        cached_tokens=event.stats.cached_tokens,
                         speculative=self._accept_stats(event.stats))
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -360,6 +363,7 @@ class Ingress:
             return pb.Stats()
         s = await StatsBoard.get().summary.remote()
         return pb.Stats(replicas=s.replicas, queue_depth=s.queue_depth, running=s.running, kv_usage=s.kv_usage,
+                        prefix_cache_usage=s.prefix_cache_usage,
                         drafted=s.drafted, accepted=s.accepted, mean_acceptance_length=s.mean_acceptance_length,
                         finished_requests=s.finished, forwards=s.steps)
 
@@ -478,7 +482,8 @@ class Ingress:
                 chunk = (oa.chat_chunk(rid, model, delta, finish, opening) if chat
                          else oa.completion_chunk(rid, model, delta, finish))
                 if event.finished:
-                    chunk["usage"] = oa.usage(event.prompt_tokens, event.stats.generated_tokens)
+                    stats = event.stats
+                    chunk["usage"] = oa.usage(event.prompt_tokens, stats.generated_tokens, stats.cached_tokens)
                     chunk["tidal"] = oa.speculative(event.stats)
                 opening = False
                 yield f"data: {json.dumps(chunk)}\n\n"

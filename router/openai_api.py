@@ -57,9 +57,11 @@ def completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens the prefix cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def speculative(stats: RequestTotals) -> dict:
@@ -72,7 +74,7 @@ def completion_body(rid: str, model: str, text: str, finish: str | None, prompt_
                     stats: RequestTotals) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens), "tidal": speculative(stats)}
+            "usage": usage(prompt_tokens, completion_tokens, stats.cached_tokens), "tidal": speculative(stats)}
 
 
 def chat_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
@@ -80,7 +82,7 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                          "logprobs": None}],
-            "usage": usage(prompt_tokens, completion_tokens), "tidal": speculative(stats)}
+            "usage": usage(prompt_tokens, completion_tokens, stats.cached_tokens), "tidal": speculative(stats)}
 
 
 def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:

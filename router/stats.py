@@ -23,6 +23,7 @@ class ReplicaLoad:
     drafted: int = 0  # drafts offered for verification so far
     accepted: int = 0  # drafts accepted so far
     verify_steps: int = 0  # request steps that verified at least one draft
+    prefix_cache_usage: float = 0.0  # share of KV blocks nobody holds that keep a cached prefix
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,12 @@ class ServerLoad(ReplicaLoad):
 
     @classmethod
     def of(cls, loads: list[ReplicaLoad]) -> ServerLoad:
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
         return cls(queue_depth=sum(x.queue_depth for x in loads), running=sum(x.running for x in loads),
-                   kv_usage=sum(x.kv_usage for x in loads) / len(loads) if loads else 0.0,
+                   kv_usage=mean([x.kv_usage for x in loads]),
+                   prefix_cache_usage=mean([x.prefix_cache_usage for x in loads]),
                    steps=sum(x.steps for x in loads), finished=sum(x.finished for x in loads),
                    drafted=sum(x.drafted for x in loads), accepted=sum(x.accepted for x in loads),
                    verify_steps=sum(x.verify_steps for x in loads), replicas=len(loads))

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 
 from router.stats import ServerLoad
-from workers.request import StepRecord
+from workers.request import RequestTotals, StepRecord
 
 ADDITIVE = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}  # family type -> sample suffixes
 OTEL_PREFIX = "OTEL_"
@@ -112,6 +112,12 @@ class Metrics:
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Share of KV blocks in use (mean over replicas)", labels,
                               registry=r)
         self.replicas = Gauge("tidal:engine_replicas", "Live engine replicas", labels, registry=r)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens of finished requests (looked up "
+                                      "in the prefix cache)", labels, registry=r)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Of them, tokens found in the prefix cache", labels,
+                                   registry=r)
+        self.prefix_usage = Gauge("tidal:prefix_cache_usage_perc", "Share of KV blocks nobody holds that keep a "
+                                  "cached prefix (mean over replicas; evicted on demand)", labels, registry=r)
 
     def step(self, step: StepRecord) -> None:
         """One decode step of one request: drafts offered and accepted (by position), tokens committed."""
@@ -130,7 +136,14 @@ class Metrics:
         self.waiting.labels(m).set(summary.queue_depth)
         self.running.labels(m).set(summary.running)
         self.kv_usage.labels(m).set(summary.kv_usage)
+        self.prefix_usage.labels(m).set(summary.prefix_cache_usage)
         self.replicas.labels(m).set(summary.replicas)
+
+    def finished(self, prompt_tokens: int, stats: RequestTotals) -> None:
+        """A request finished: its prompt's prefix-cache lookup (counted once, when it first started)."""
+        m = self.model
+        self.prefix_queries.labels(m).inc(prompt_tokens)
+        self.prefix_hits.labels(m).inc(stats.cached_tokens)
 
 
 def additive_samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

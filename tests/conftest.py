@@ -72,8 +72,12 @@ class Checkpoint:
         return self.hf.config.num_hidden_layers
 
     def kv_bytes_per_block(self, block_size: int, elem_bytes: int = 4) -> int:
+        """Pool bytes per KV block: K and V, and with the prefix cache (on by default) ZAYA's CCA snapshot."""
+        from workers.models import state_snapshot_bytes
+
         c = self.hf.config
-        return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem_bytes
+        kv = 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem_bytes
+        return kv + state_snapshot_bytes(c, {4: torch.float32, 2: torch.bfloat16}[elem_bytes])
 
     # ---- reference computations (transformers) --------------------------------------------------
 
@@ -254,13 +258,15 @@ def make_engine(model, **config) -> LLMEngine:
 
 def assert_engine_idle(engine: LLMEngine) -> None:
     """Nothing left to run and nothing held: no unfinished work, no request known to the engine, every KV
-    block free exactly once with reference count 0, every recurrent-state slot free."""
+    block free exactly once with reference count 0 (free, or cached and evictable), every recurrent-state
+    slot free."""
     bm = engine.blocks
     assert not engine.has_unfinished()
     assert not engine.requests
-    assert bm.num_free_blocks == bm.num_blocks
-    assert sorted(bm.free_blocks) == list(range(bm.num_blocks))
+    assert bm.num_free_blocks == bm.num_blocks and bm.usage() == 0
+    assert sorted([*bm.free_blocks, *bm.evictable]) == list(range(bm.num_blocks))
     assert all(c == 0 for c in bm.ref_counts)
+    assert sorted(bm.cached.values()) == sorted(bm.evictable)  # every cached block is evictable now
     assert sorted(bm.free_state_slots) == list(range(engine.config.max_num_seqs))
 
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from workers.block_manager import BlockManager
 from workers.config import DraftRule, SamplingParams, TidarConfig
 from workers.engine import LLMEngine
+from workers.loader import load_hf_config
+from workers.models import state_snapshot_bytes
 from workers.request import Request, Status
 
 VOCAB = 64
@@ -88,7 +90,9 @@ MODES = {
 
 def make_engine(model_dir: str, num_blocks: int = 10, max_num_seqs: int = 3,
                 max_num_batched_tokens: int = 16, mode: str = "ar") -> LLMEngine:
-    engine = conftest_make_engine(model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=num_blocks * BYTES_PER_BLOCK,
+    # the prefix cache keeps ZAYA's CCA state beside each block
+    per_block = BYTES_PER_BLOCK + state_snapshot_bytes(load_hf_config(model_dir), torch.float32)
+    engine = conftest_make_engine(model_dir, block_size=BLOCK_SIZE, kv_cache_bytes=num_blocks * per_block,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   **MODES[mode])
     assert engine.blocks.num_blocks == num_blocks
@@ -110,20 +114,33 @@ def check_invariants(engine: LLMEngine, finished: list[Request] = ()) -> None:
     assert all(r.status is Status.WAITING for r in waiting)
     assert len(running) <= sched.max_num_seqs
 
-    # blocks: free, or in exactly one live request's table
-    free = list(bm.free_blocks)
+    # blocks: free, cached and held by nobody (evictable), or held: ref count = live tables holding it;
+    # a block shared by two tables is a named (cached) one, full of committed tokens of both
+    free, evictable = list(bm.free_blocks), list(bm.evictable)
     assert len(set(free)) == len(free), f"a block is on the free list twice: {free}"
-    owner: dict[int, str] = {}
+    holders: dict[int, list[Request]] = {}
     for r in live:
+        assert len(set(r.block_table)) == len(r.block_table), f"{r.request_id} holds a block twice"
         for b in r.block_table:
             assert 0 <= b < bm.num_blocks
-            assert b not in owner, f"block {b} held by both {owner[b]} and {r.request_id}"
-            owner[b] = r.request_id
-    assert not set(free) & set(owner), f"blocks both free and held: {set(free) & set(owner)}"
-    assert len(free) + len(owner) == bm.num_blocks, (
-        f"leaked blocks: {set(range(bm.num_blocks)) - set(free) - set(owner)}")
+            holders.setdefault(b, []).append(r)
+    assert not set(free) & set(holders), f"blocks both free and held: {set(free) & set(holders)}"
+    assert not set(evictable) & set(holders), f"blocks both evictable and held: {set(evictable) & set(holders)}"
+    assert not set(free) & set(evictable)
+    assert len(free) + len(evictable) + len(holders) == bm.num_blocks, (
+        f"leaked blocks: {set(range(bm.num_blocks)) - set(free) - set(evictable) - set(holders)}")
     for b in range(bm.num_blocks):
-        assert bm.ref_counts[b] == (1 if b in owner else 0), f"block {b}: ref count {bm.ref_counts[b]}"
+        assert bm.ref_counts[b] == len(holders.get(b, [])), f"block {b}: ref count {bm.ref_counts[b]}"
+    assert {b: n for n, b in bm.cached.items()} == {b: n for b, n in enumerate(bm.name_of) if n is not None}
+    assert all(bm.name_of[b] is not None for b in evictable), "an unnamed block is evictable"
+    for b, rs in holders.items():
+        if len(rs) > 1:
+            assert bm.name_of[b] is not None, f"block {b} is shared but not a cached prefix block"
+        if bm.name_of[b] is not None:  # a named block holds committed tokens of every holder, at one index
+            for r in rs:
+                i = r.block_table.index(b)
+                assert (i + 1) * bm.block_size <= r.num_computed_tokens or r.status is Status.WAITING
+                assert r.block_names[i] == bm.name_of[b]
 
     # recurrent-state slots: held by running requests only, each once, conserved
     held_slots = [r.state_slot for r in live if r.state_slot >= 0]
@@ -265,12 +282,125 @@ def test_block_manager_random_ops_conserve_blocks(ops):
     assert sorted(bm.free_blocks) == list(range(10)) and sorted(bm.free_state_slots) == [0, 1, 2]
 
 
+# ---- the prefix cache -----------------------------------------------------------------------------
+
+
+def _commit(bm: BlockManager, r: Request, n: int) -> None:
+    """What a step does to a request: `n` tokens computed (blocks allocated), the full ones named."""
+    bm.allocate(r, n)
+    r.num_computed_tokens = n
+    bm.cache_committed(r)
+
+
+def test_a_cached_prefix_is_shared_and_only_its_full_committed_blocks():
+    bm = BlockManager(num_blocks=8, block_size=4, num_state_slots=3)
+    a = Request("a", list(range(10)), SamplingParams(), arrival=0)
+    _commit(bm, a, 10)  # blocks 0-3, 4-7 full and named; 8-9 not
+    assert sum(n is not None for n in bm.name_of) == 2
+    b = Request("b", list(range(8)) + [50, 51, 52], SamplingParams(), arrival=1)  # shares 8 tokens
+    assert bm.reuse_prefix(b) == 8
+    assert b.block_table == a.block_table[:2] and b.num_computed_tokens == 8
+    assert [bm.ref_counts[x] for x in a.block_table] == [2, 2, 1]
+    c = Request("c", [1, 2, 3, 4, 5], SamplingParams(), arrival=2)  # differs at token 0: no hit
+    assert bm.reuse_prefix(c) == 0 and c.block_table == [] and c.num_computed_tokens == 0
+    bm.free(a)
+    assert [bm.ref_counts[x] for x in b.block_table] == [1, 1]  # b still holds the shared blocks
+    assert len(bm.evictable) == 0 and bm.usage() == pytest.approx(2 / 8)
+    bm.free(b)
+    assert len(bm.evictable) == 2 and bm.usage() == 0 and bm.cached_free_usage() == pytest.approx(2 / 8)
+
+
+def test_a_hit_on_the_whole_prompt_leaves_its_last_block_to_compute():
+    """The last token's logits are the next token's, and its K/V must not be written into a shared block:
+    a prompt of exactly two cached blocks reuses one."""
+    bm = BlockManager(num_blocks=8, block_size=4, num_state_slots=2)
+    a = Request("a", list(range(8)), SamplingParams(), arrival=0)
+    _commit(bm, a, 8)
+    b = Request("b", list(range(8)), SamplingParams(), arrival=1)
+    assert bm.reuse_prefix(b) == 4 and b.block_table == a.block_table[:1]
+    c = Request("c", list(range(9)), SamplingParams(), arrival=2)  # one token past both blocks: both reused
+    assert bm.reuse_prefix(c) == 8
+
+
+def test_eviction_takes_unheld_cached_blocks_tail_first_and_never_held_ones():
+    bm = BlockManager(num_blocks=4, block_size=2, num_state_slots=3)
+    a = Request("a", [1, 2, 3, 4, 5], SamplingParams(), arrival=0)
+    _commit(bm, a, 5)  # 3 blocks, 2 named
+    head, tail = a.block_table[:2]
+    bm.free(a)
+    assert list(bm.evictable) == [tail, head] and bm.num_free_blocks == 4  # tail released first
+    b = Request("b", [1, 2, 9, 9, 9], SamplingParams(), arrival=1)
+    assert bm.reuse_prefix(b) == 2 and b.block_table == [head]  # holds the head
+    bm.allocate(b, 8)  # 3 more: the two free ones first, then the evicted tail
+    assert b.block_table[-1] == tail and bm.name_of[tail] is None and tail not in bm.evictable
+    assert bm.name_of[head] is not None and bm.ref_counts[head] == 1
+    d = Request("d", [7, 7, 7], SamplingParams(), arrival=2)
+    assert bm.num_free_blocks == 0 and not bm.can_allocate(d, 1)  # the held head is never evicted
+
+
+def test_an_equal_prefix_computed_twice_is_named_once():
+    """Two requests computed the same prefix at once: the second copy stays unnamed and is freed as usual."""
+    bm = BlockManager(num_blocks=6, block_size=4, num_state_slots=2)
+    a, b = (Request(x, list(range(6)), SamplingParams(), arrival=i) for i, x in enumerate("ab"))
+    _commit(bm, a, 5)
+    bm.allocate(b, 5)
+    b.num_computed_tokens = 5
+    bm.cache_committed(b)
+    assert bm.name_of[a.block_table[0]] is not None and bm.name_of[b.block_table[0]] is None
+    bm.free(b)
+    assert b.block_table == [] and len(bm.free_blocks) == 4 and not bm.evictable
+
+
+@given(st.lists(st.tuples(st.sampled_from(["start", "commit", "trim", "free"]), st.integers(0, 3),
+                          st.integers(0, 24)), max_size=60),
+       st.lists(st.integers(0, 2), min_size=4, max_size=4))
+@settings(max_examples=150, deadline=None)
+def test_prefix_cache_random_ops_never_leak_or_free_a_shared_block(ops, families):
+    """Requests from three prompt families (equal prefixes within one) start from the cache, commit tokens,
+    roll back and finish in any order: reference counts always equal the tables holding a block, a block
+    in use is never evicted or free, and at the end every block is free or cached and evictable."""
+    bm = BlockManager(num_blocks=10, block_size=4, num_state_slots=4)
+    reqs = [Request(str(i), [f * 10 + j % (f + 2) for j in range(30)], SamplingParams(), arrival=i)
+            for i, f in enumerate(families)]
+    for op, i, n in ops:
+        r = reqs[i]
+        if op == "start" and not r.block_table:
+            r.num_computed_tokens = 0
+            bm.reuse_prefix(r)
+            assert r.num_computed_tokens < r.num_tokens
+        elif op == "commit":
+            n = max(n, r.num_computed_tokens)
+            if bm.can_allocate(r, n):
+                _commit(bm, r, n)
+        elif op == "trim":
+            n = max(n, r.num_computed_tokens)  # only uncommitted positions are ever rolled back
+            bm.trim(r, n)
+        elif op == "free":
+            bm.free(r)
+            r.num_computed_tokens = 0
+        holders: dict[int, int] = {}
+        for q in reqs:
+            for b in q.block_table:
+                holders[b] = holders.get(b, 0) + 1
+        assert all(bm.ref_counts[b] == holders.get(b, 0) for b in range(10))
+        assert not set(holders) & (set(bm.free_blocks) | set(bm.evictable))
+        assert sorted([*holders, *bm.free_blocks, *bm.evictable]) == list(range(10))
+        for q in reqs:  # a named block a request holds is the one its own tokens name
+            for k, b in enumerate(q.block_table):
+                if bm.name_of[b] is not None:
+                    assert q.block_names[k] == bm.name_of[b]
+    for r in reqs:
+        bm.free(r)
+    assert sorted([*bm.free_blocks, *bm.evictable]) == list(range(10)) and bm.ref_counts == [0] * 10
+
+
 # ---- the real engine under random workloads --------------------------------------------------------
 
 add_op = st.tuples(
     st.just("add"),
     st.one_of(st.integers(1, 8), st.integers(1, 30)),  # prompt length: short ones grow into preemption
-    st.integers(0, VOCAB - 1),  # prompt tokens are (first + 7 j) % VOCAB
+    # prompt tokens are (first + 7 j) % VOCAB: requests with equal firsts share a prefix
+    st.one_of(st.integers(0, 2), st.integers(0, VOCAB - 1)),
     st.one_of(st.integers(1, 20), st.integers(12, 20)),  # max_tokens: long outputs grow into preemption
     st.one_of(st.none(), st.tuples(st.floats(0.5, 2.0), st.integers(0, 2**31 - 1), st.integers(0, 8),
                                    st.sampled_from([1.0, 0.9, 0.5]))),  # (temperature, seed, top_k, top_p)

@@ -81,6 +81,27 @@ def test_ep2_matches_ep1(checkpoints, family):
         ar_two.runner.shutdown()
 
 
+def test_ep2_prefix_cache_restores_cca_state_in_every_worker(checkpoints):
+    """ZAYA with EP = 2 and the prefix cache: requests that start from cached blocks restore the CCA state
+    kept with them in each worker actor (every worker holds its own copy), and produce the tokens of one
+    process without the cache."""
+    model = checkpoints["zaya"]
+    tidar = dict(block_size=4, levels=(0, 2, 4))
+    shared = [3, 4, 5, 6, 3, 4, 5, 5, 6, 3, 4, 4, 6]  # three full blocks of 4
+    first = [shared + [5, 3]]
+    later = [shared + [6], shared + [4, 4, 3, 5], shared[:8] + [6, 6, 6]]
+    ref = LLMEngine(EngineConfig(model=model, mode="tidar", tidar=tidar, block_size=4, prefix_caching=False))
+    two = LLMEngine(EngineConfig(model=model, mode="tidar", tidar=tidar, block_size=4, ep_size=2,
+                                 worker_timeout_s=30))
+    try:
+        for prompts in (first, later):
+            assert ([o.output_token_ids for o in two.generate(prompts, GREEDY)]
+                    == [o.output_token_ids for o in ref.generate(prompts, GREEDY)])
+        assert two.blocks.hits == 12 + 12 + 8  # every later prompt started from the first one's blocks
+    finally:
+        two.runner.shutdown()
+
+
 def test_killed_worker_fails_requests_then_group_rebuilds(checkpoints):
     engine = LLMEngine(EngineConfig(model=checkpoints["zaya"], ep_size=2, worker_timeout_s=20))
     try:

@@ -279,7 +279,8 @@ def test_openai_completions(client, offline):
     body = json.loads(raw.text)
     assert raw.status_code == 200 and body["choices"][0]["text"] == want
     assert body["tidal"]["forwards"] == n and body["tidal"]["tokens_per_forward"] == 1.0
-    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": n, "total_tokens": len(PROMPT) + n}
+    assert body["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": n, "total_tokens": len(PROMPT) + n,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # shorter than a KV block
 
 
 def test_openai_chat_completions(client, offline):
@@ -307,6 +308,26 @@ def test_openai_chat_completions(client, offline):
     body = json.loads(raw.text)
     assert body["choices"][0]["message"]["content"] == want and body["tidal"]["forwards"] == n
     assert body["usage"]["completion_tokens"] == n
+
+
+def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server, client, offline):
+    """A prompt that repeats another's first two KV blocks (32 byte tokens) starts from them: the tokens are
+    offline generation's, usage reports the 32 cached tokens on both doors, and /metrics counts the hits."""
+    shared = "def tidal_fibo(n):\n    return n if n < 2 else   "  # 48 bytes: three blocks of 16
+    server.wait_idle()
+    queries, hits = (metric_total(server, name) for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"))
+    first = server.gen.Generate(request(shared + "fib(n - 1)", 4), metadata=MD, timeout=60)
+    assert first.usage.cached_tokens == 0
+    second = server.gen.Generate(request(shared + "fib(n - 2)", 6), metadata=MD, timeout=60)
+    assert second.usage.cached_tokens == 48
+    assert list(second.token_ids) == reference(offline, shared + "fib(n - 2)", 6).output_token_ids
+    c = client.completions.create(model="tidal", prompt=shared[:40], max_tokens=3, extra_body={"ignore_eos": True})
+    assert c.usage.prompt_tokens_details.cached_tokens == 32  # 40 tokens: two full blocks
+    deadline = time.monotonic() + 10  # each ingress posts its counters every half second
+    while metric_total(server, "vllm:prefix_cache_hits") < hits + 80 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric_total(server, "vllm:prefix_cache_hits") == hits + 80
+    assert metric_total(server, "vllm:prefix_cache_queries") == queries + 2 * (len(shared) + 10) + 40
 
 
 # ---- 3. concurrent requests share engine steps ---------------------------------------------------------
@@ -630,14 +651,19 @@ def test_64_mixed_streams_all_end_and_leave_nothing_held(server):
 # ---- several ingress replicas ---------------------------------------------------------------------------
 
 
-def request_count(server) -> float:
-    """Finished requests in /metrics (every finish reason)."""
+def metric_total(server, name: str) -> float:
+    """A counter's total in /metrics, summed over its labels."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"{server.base}/metrics", timeout=30) as r:
         text = r.read().decode()
-    return sum(x.value for f in text_string_to_metric_families(text) if f.name == "vllm:request_success"
+    return sum(x.value for f in text_string_to_metric_families(text) if f.name == name
                for x in f.samples if x.name.endswith("_total"))
+
+
+def request_count(server) -> float:
+    """Finished requests in /metrics (every finish reason)."""
+    return metric_total(server, "vllm:request_success")
 
 
 def test_http_spreads_over_the_ingresses_and_metrics_count_them_all(server):

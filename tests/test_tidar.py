@@ -43,6 +43,7 @@ from workers.backends import EngineStartError
 from workers.config import DraftRule, EngineConfig, InvalidRequest, SamplingParams, TidarConfig
 from workers.engine import LLMEngine
 from workers.layout import StepLayout
+from workers.models import state_snapshot_bytes
 from workers.request import Status
 from workers.sampler import verify
 from workers.tidar import resolve_mask_token
@@ -163,6 +164,12 @@ def static(k: int, levels: tuple[int, ...], two_forward: bool = False, fallback:
 engine_for = partial(make_engine, mode="tidar", block_size=BLOCK, kv_cache_bytes=1 << 20)
 
 
+def pool_bytes(ck: Ckpt, blocks: int) -> int:
+    """kv_cache_bytes of a pool of `blocks` blocks: fp32 K/V (1 KiB a token), and ZAYA's CCA snapshot per
+    block (the prefix cache's)."""
+    return blocks * (BLOCK * 1024 + state_snapshot_bytes(ck.hf.config, torch.float32))
+
+
 def check_rollback(engine: LLMEngine, req, ck: Ckpt) -> None:
     """After a sampling step: every token but the anchor is in the KV, exactly as many blocks as that
     needs are held, and a forward of the anchor over the kept KV + CCA state gives transformers'
@@ -265,7 +272,7 @@ def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     """A 64-token KV pool for four requests that each need ~30: requests are preempted (blocks and CCA
     state slot freed, recomputed later from their tokens, drafts kept) and still match transformers."""
     ck = ckpts[family]
-    engine = engine_for(ck, kv_cache_bytes=1 << 16, tidar=static(4, (0, 2, 4), two_forward))
+    engine = engine_for(ck, kv_cache_bytes=pool_bytes(ck, 16), tidar=static(4, (0, 2, 4), two_forward))
     assert engine.blocks.num_blocks == 16
     jobs = [(prompt_of(9, 11), 20), (prompt_of(7, 12), 22), (prompt_of(10, 13), 18), (prompt_of(6, 14), 21)]
     arrivals = {0: [(p, SamplingParams(max_tokens=n)) for p, n in jobs[:3]],
@@ -420,7 +427,8 @@ def test_injected_drafts_accept_exactly_and_roll_back(ckpts, family, k, levels, 
     still pick the largest level <= n. With a 64-token pool, requests are also preempted and recomputed
     (their drafts survive) and drafts are cut when the context is nearly full."""
     ck = ckpts[family]
-    engine = engine_for(ck, tidar=static(k, levels, two_forward), **({"kv_cache_bytes": 1 << 16} if tiny_pool else {}))
+    pool = {"kv_cache_bytes": pool_bytes(ck, 16)} if tiny_pool else {}
+    engine = engine_for(ck, tidar=static(k, levels, two_forward), **pool)
     jobs = []
     # plain length limits that fall inside blocks
     for i, (plen, n, arrive) in enumerate([(6, 29, 0), (9, 23, 0), (4, 17, 3)]):

@@ -322,7 +322,7 @@ def test_cli_generate_backend_vllm(ckpts):
     got = json.loads(run.stdout)  # exactly one JSON object on stdout: vLLM's logs go to stderr
     assert got["token_ids"] == ckpt.greedy(prompt, 6)
     assert got["finish_reason"] == "length"
-    assert got["stats"] == {"forwards": 6, "generated_tokens": 6, "tokens_per_forward": 1.0}
+    assert got["stats"] == {"forwards": 6, "generated_tokens": 6, "tokens_per_forward": 1.0, "cached_tokens": 0}
 
 
 def test_cli_refuses_tidar_with_vllm_on_cpu(ckpts):

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "acceptance and step cost, down to AR)")
     g.add_argument("--ep", type=int, default=1,
                    help="expert-parallel worker actors on a local Ray (default 1: in-process)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="recompute every prompt (no KV block sharing)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     sv = sub.add_parser("serve", help="serve gRPC and OpenAI-style HTTP on a local (or given) Ray cluster")
     sv.add_argument("--model", help="HF-format model directory (default: shipped model)")
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--stream-interval-ms", type=float,
                     help="send a request's new tokens at most this often (first and last at once; 0: every step)")
     sv.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    sv.add_argument("--no-prefix-caching", action="store_true",
+                    help="recompute every prompt (default: repeated prefixes share KV blocks)")
 
     d = sub.add_parser("deploy", help="deployment artifacts: KubeRay RayService and Serve configs")
     dsub = d.add_subparsers(dest="deploy_command", required=True)
@@ -124,7 +127,8 @@ def cmd_serve(args) -> int:
     overrides = {"engine.model": args.model, "engine.mode": args.mode, "engine.ep_size": args.ep,
                  "grpc_port": args.grpc_port, "http_port": args.http_port, "http_host": args.http_host,
                  "api_key": args.api_key, "stream_interval_ms": args.stream_interval_ms,
-                 "ingress_replicas": args.ingress_replicas}
+                 "ingress_replicas": args.ingress_replicas,
+                 "engine.prefix_caching": False if args.no_prefix_caching else None}
     if args.replicas:
         overrides["autoscaling"] = AutoscalingConfig(min_replicas=args.replicas, max_replicas=args.replicas)
     if not args.config and not args.model:
@@ -239,7 +243,8 @@ def cmd_generate(args) -> int:
         if mode == "auto":  # TiDAR runs on the native backend; vLLM's CPU path is AR only
             mode = auto_mode(args.model, args.mask_token_id) if args.backend == "native" else "ar"
         engine = create_engine(EngineConfig.make(model=args.model, dtype=args.dtype, mode=mode, tidar=tidar,
-                                                 ep_size=args.ep, backend=args.backend))
+                                                 ep_size=args.ep, backend=args.backend,
+                                                 prefix_caching=not args.no_prefix_caching))
         prompt = args.prompt if args.prompt is not None else args.prompt_token_ids
         out = engine.generate([prompt], params)[0]
         tokenizer = load_tokenizer(args.model)

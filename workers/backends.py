@@ -35,6 +35,7 @@ class EngineLoad:
     running: int  # requests in the running batch
     kv_usage: float  # share of KV blocks in use, 0..1
     steps: int  # engine steps so far
+    prefix_cache_usage: float = 0.0  # share of KV blocks nobody holds that keep a cached prefix (evictable)
 
 
 class Engine(Protocol):

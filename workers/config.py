@@ -102,6 +102,7 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(512, ge=16, description="token budget of one step")
     max_model_len: int | None = Field(None, ge=2, description="defaults to the model's context")
     tidar: TidarConfig = TidarConfig()
+    prefix_caching: bool = Field(True, description="share the KV (and ZAYA's CCA state) of repeated prompt prefixes")
     ep_size: int = Field(1, ge=1, description="expert-parallel worker actors (1 = in-process)")
     worker_timeout_s: float = Field(60.0, gt=0, description="a step or collective slower than this fails the group")
 

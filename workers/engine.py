@@ -24,6 +24,7 @@ from workers.draft_policy import make_policy
 from workers.layout import StepLayout
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, head_dim_of
+from workers.models import state_snapshot_bytes
 from workers.request import Request, RequestOutput, RequestTimes, StepRecord, generate_all, prompt_token_ids
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
@@ -63,6 +64,8 @@ class LLMEngine:
         c = self.hf_config
         per_block = KVCache.bytes_per_block(c.num_hidden_layers, config.block_size, c.num_key_value_heads,
                                             head_dim_of(c), dtype)
+        if config.prefix_caching:  # ZAYA: each cached block keeps the CCA state after its last token
+            per_block += state_snapshot_bytes(c, dtype)
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 2:
             raise EngineStartError(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks "
@@ -80,13 +83,14 @@ class LLMEngine:
             raise EngineStartError(f"mask token id {self.mask_token_id} is outside the vocabulary "
                                    f"(size {c.vocab_size})")
         self.policy = make_policy(config) if config.mode == "tidar" else None
-        self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.max_num_seqs, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.policy, config.tidar.two_forward)
         # a two-forward draft pass may exceed the step budget: [anchor, K + 1 masks] per request, K <= 64
         max_step_tokens = max(config.max_num_batched_tokens, config.max_num_seqs * (64 + 2))
         runner_args = dict(dtype=dtype, device=config.device, block_size=config.block_size, num_blocks=num_blocks,
-                           num_state_slots=config.max_num_seqs, max_step_tokens=max_step_tokens)
+                           num_state_slots=config.max_num_seqs, max_step_tokens=max_step_tokens,
+                           prefix_caching=config.prefix_caching)
         if config.ep_size > 1:
             from workers.worker_group import WorkerGroup
 
@@ -160,16 +164,18 @@ class LLMEngine:
             outcomes.append(tidar.accept(s, logits[row : row + n], self.config.tidar, best.get(s.request.request_id))
                             if s.samples else None)
             row += n
-        self.runner.commit([o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes, strict=True)])
+        last_kept = [o.last_kept if o else s.num_tokens - 1 for s, o in zip(batch, outcomes, strict=True)]
+        self.runner.commit(last_kept, self._snapshots(batch, last_kept))
 
         outputs, redraft, proposals = [], [], []
-        for s, o in zip(batch, outcomes, strict=True):
+        for s, o, kept in zip(batch, outcomes, last_kept, strict=True):
             req = s.request
+            req.num_computed_tokens += kept + 1
             if o is None:
-                req.num_computed_tokens += s.num_tokens
+                self.blocks.cache_committed(req)
                 continue
-            req.num_computed_tokens += o.last_kept + 1
             self.blocks.trim(req, req.num_computed_tokens)  # KV rollback of the rejected drafts
+            self.blocks.cache_committed(req)  # only now: verified tokens alone are named
             out = self._append(req, o.tokens)
             out.step = StepRecord(o.drafted, o.accepted, o.level, len(out.new_token_ids), len(batch))
             outputs.append(out)
@@ -183,6 +189,19 @@ class LLMEngine:
         if redraft:
             self._draft_pass(redraft, size)
         return outputs, size
+
+    def _snapshots(self, batch: list[Scheduled], last_kept: list[int]) -> list[tuple[int, int, int]]:
+        """(request index, local index, block) for each token of the step that is kept and ends a full block:
+        the prefix cache keeps the recurrent state after it (ZAYA's CCA; ignored by attention-only models)."""
+        if not self.config.prefix_caching:
+            return []
+        bs, out = self.config.block_size, []
+        for b, (s, kept) in enumerate(zip(batch, last_kept, strict=True)):
+            req = s.request
+            before, after = req.num_computed_tokens, req.num_computed_tokens + kept + 1
+            for i in range(before // bs, after // bs):
+                out.append((b, (i + 1) * bs - 1 - before, req.block_table[i]))
+        return out
 
     @staticmethod
     def _greedy_argmax(batch: list[Scheduled], layouts: list[StepLayout], logits: torch.Tensor) -> dict[str, list[int]]:
@@ -206,8 +225,11 @@ class LLMEngine:
 
     def _forward(self, batch: list[Scheduled], layouts: list[StepLayout], size: StepSize) -> torch.Tensor:
         reqs = [s.request for s in batch]
+        restore = [(r.state_slot, r.restore_state_from) for r in reqs if r.restore_state_from is not None]
         logits = self.runner.forward(layouts, [r.num_computed_tokens for r in reqs], [r.block_table for r in reqs],
-                                     [r.state_slot for r in reqs])
+                                     [r.state_slot for r in reqs], restore)
+        for r in reqs:
+            r.restore_state_from = None
         size.slots += sum(len(lay.token_ids) for lay in layouts)
         size.logit_rows += sum(len(lay.logit_rows) for lay in layouts)
         return logits
@@ -263,7 +285,8 @@ class LLMEngine:
         return generate_all(self, prompts, params)
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage(), self.num_steps)
+        return EngineLoad(len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage(), self.num_steps,
+                          self.blocks.cached_free_usage())
 
     def shutdown(self) -> None:
         if hasattr(self.runner, "shutdown"):  # an expert-parallel worker group: its actors

@@ -23,7 +23,8 @@ class ModelRunner:
     """Owns the model, its paged KV cache and recurrent state on one device."""
 
     def __init__(self, model_dir: str, *, dtype: torch.dtype, device, block_size: int, num_blocks: int,
-                 num_state_slots: int, max_step_tokens: int, expert_shard: tuple[int, int] | None = None):
+                 num_state_slots: int, max_step_tokens: int, expert_shard: tuple[int, int] | None = None,
+                 prefix_caching: bool = False):
         from workers.models import load_model
         from workers.models.layers import prepare_for_inference
 
@@ -38,15 +39,19 @@ class ModelRunner:
         scratch = KVCache.scratch_blocks_for(max_step_tokens, num_state_slots, block_size)
         self.kv = KVCache(hf_cfg.num_hidden_layers, num_blocks, block_size, hf_cfg.num_key_value_heads,
                           head_dim_of(hf_cfg), dtype, device, scratch_blocks=scratch)
-        self.state = self.model.make_state(num_state_slots, dtype, device)
+        # with the prefix cache, the recurrent state after each cached block is kept by block id
+        self.state = self.model.make_state(num_state_slots, dtype, device, num_blocks if prefix_caching else 0)
         self._meta: AttentionMetadata | None = None
         head = self.model.markov_head
         self.draft_chain = DraftChain(head, self.model.dspark_block_len) if head is not None else None
 
     @torch.inference_mode()
     def forward(self, layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]],
-                state_slots: list[int]) -> torch.Tensor:
+                state_slots: list[int], restore: list[tuple[int, int]] = ()) -> torch.Tensor:
         """Run one forward. Returns logits [sum(len(logit_rows)), V] in request order (fp32).
+
+        `restore`: (state slot, block) pairs: requests resuming from a cached prefix first load the recurrent
+        state kept for its last block.
 
         Interface: verify and prefill rows are the LM head's logits; proposal rows (each layout's last
         `num_draft_rows`) are the draft head's (`compute_draft_logits`: the draft output layer when the
@@ -56,6 +61,9 @@ class ModelRunner:
         if meta.scratch_blocks > self.kv.scratch_blocks:
             raise ValueError(f"a step of {len(input_ids)} tokens needs {meta.scratch_blocks} scratch KV blocks; "
                              f"the runner has {self.kv.scratch_blocks} (raise max_step_tokens)")
+        if restore and self.state is not None:
+            slots, blocks = (torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*restore, strict=True))
+            self.state.restore(slots, blocks)
         hidden = self.model(input_ids, positions, meta, self.kv, self.state)  # [T, H]
         self._meta = meta
         if self.model.diffusion_output_layer is None or not any(l.num_draft_rows for l in layouts):
@@ -73,9 +81,15 @@ class ModelRunner:
         logits[draft] = self.model.compute_draft_logits(hidden[rows[draft]])
         return logits
 
-    def commit(self, last_kept: list[int]) -> None:
-        """Keep the recurrent state after token `last_kept[b]` (local index) of each request of the last forward."""
+    def commit(self, last_kept: list[int], snapshots: list[tuple[int, int, int]] = ()) -> None:
+        """Keep the recurrent state after token `last_kept[b]` (local index) of each request of the last forward,
+        and for the prefix cache the state after each (request b, local index i, block) that ends a full block."""
         if self.state is None:
             return
         meta = self._meta
-        self.state.commit(meta, meta.starts + torch.tensor(last_kept, device=self.device))
+        last = meta.starts + torch.tensor(last_kept, device=self.device)
+        if snapshots:
+            b, i, blocks = (torch.tensor(x, dtype=torch.long, device=self.device) for x in zip(*snapshots, strict=True))
+            self.state.commit(meta, last, meta.starts[b] + i, blocks)
+        else:
+            self.state.commit(meta, last)

@@ -68,6 +68,7 @@ class RequestStats:
     offered_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     levels_chosen: dict[int, int] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens its first start found in the prefix cache
 
     def record_verify(self, offered: int, accepted: int, level: int | None) -> None:
         if offered:
@@ -88,7 +89,7 @@ class RequestStats:
         return RequestTotals(
             self.forwards, self.generated_tokens, self.drafted, self.accepted, self.verify_steps,
             tuple(a / o for a, o in zip(self.accepted_by_position, self.offered_by_position, strict=True)),
-            dict(sorted(self.levels_chosen.items())))
+            dict(sorted(self.levels_chosen.items())), self.cached_tokens)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class RequestTotals:
     verify_steps: int = 0  # steps that verified at least one draft
     acceptance_by_position: tuple[float, ...] = ()  # [i]: share of the i-th drafts of a block accepted
     levels_chosen: dict[int, int] = field(default_factory=dict)  # proposal level -> steps that chose it
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -116,7 +118,7 @@ class RequestTotals:
         """The JSON form (the HTTP answers' "tidal" field, `tidal generate --json`): the speculative
         figures only where drafts ran."""
         out = {"forwards": self.forwards, "generated_tokens": self.generated_tokens,
-               "tokens_per_forward": self.tokens_per_forward}
+               "tokens_per_forward": self.tokens_per_forward, "cached_tokens": self.cached_tokens}
         if self.drafted or self.levels_chosen:
             out.update(drafted=self.drafted, accepted=self.accepted,
                        acceptance_by_position=list(self.acceptance_by_position),
@@ -153,6 +155,9 @@ class Request:
     first_token_time: float | None = None  # end of prefill
     drafts: list[int] = field(default_factory=list)  # TiDAR drafts for the positions after the anchor
     draft_logits: torch.Tensor | None = None  # [len(drafts), V]: the diffusion logits behind them
+    block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks of tokens
+    num_named_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
+    restore_state_from: int | None = None  # cached block whose recurrent-state snapshot it resumes from
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -3,7 +3,9 @@
 Each step: running requests first (FIFO), each fed its next chunk of uncomputed tokens (a prefill
 chunk, or the anchor of a decode); then waiting requests are admitted in arrival order while the
 budget, a running slot and free KV blocks allow. When blocks run out, the most recently arrived
-running request is preempted (its blocks freed; it is recomputed later from its tokens).
+running request is preempted (its blocks freed; it is recomputed later from its tokens). A request that
+starts takes the cached blocks of its longest cached prefix first (workers/block_manager.py), and computes
+only the rest.
 
 TiDAR: a chunk that reaches the anchor also carries up to K drafts to verify and one proposal block
 of K+1 mask slots per level. K and the levels for the step come from the draft policy
@@ -90,13 +92,20 @@ class Scheduler:
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            cached = self.blocks.reuse_prefix(req)
             s = self._plan(req, budget, rule)
             if s.cost > budget or not self.blocks.can_allocate(req, self._kv_need(s)):
+                self.blocks.free(req)  # the cached blocks go back until it can start
+                req.num_computed_tokens = 0
                 break  # FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.blocks.allocate(req, self._kv_need(s))
+            req.restore_state_from = req.block_table[cached // self.blocks.block_size - 1] if cached else None
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.time()
+                req.stats.cached_tokens = cached
+                self.blocks.queries += req.num_tokens
+                self.blocks.hits += cached
             req.status = Status.RUNNING
             self.running.append(req)
             out.append(s)
@@ -134,6 +143,7 @@ class Scheduler:
         self.running.remove(req)
         self.blocks.free(req)
         req.num_computed_tokens = 0
+        req.restore_state_from = None
         req.status = Status.WAITING
         req.stats.preemptions += 1
         self.waiting.appendleft(req)

@@ -109,7 +109,8 @@ class VllmEngine:
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             kv_cache_memory_bytes=config.kv_cache_bytes, skip_tokenizer_init=True, enforce_eager=True,
             hf_overrides={"architectures": [OUR_ARCHITECTURE[c.architectures[0]]]},
-            disable_log_stats=False, seed=0, generation_config="vllm")
+            disable_log_stats=False, seed=0, generation_config="vllm",
+            enable_prefix_caching=config.prefix_caching)  # vLLM's own; the plugin turns it off for ZAYA's CCA
         if config.mode == "tidar":  # GPU only (check_supported refused it on CPU)
             from workers.vllm_plugin import tidar_gpu
 
@@ -218,6 +219,8 @@ class VllmEngine:
             if new and self.config.mode == "tidar" and st.output_token_ids:  # a verify step (not the first token)
                 drafted, accepted = self.config.tidar.block_size, len(new) - 1
                 st.stats.record_verify(drafted, accepted, None)
+            if o.num_cached_tokens and not st.stats.cached_tokens:
+                st.stats.cached_tokens = o.num_cached_tokens
             if new:
                 st.output_token_ids.extend(new)
                 st.stats.forwards += 1

@@ -29,8 +29,8 @@ class Worker:
         logits = self.runner.forward(*args)
         return logits if self.rank == 0 else None
 
-    def commit(self, last_kept: list[int]) -> None:
-        self.runner.commit(last_kept)
+    def commit(self, last_kept: list[int], snapshots: list[tuple[int, int, int]] = ()) -> None:
+        self.runner.commit(last_kept, snapshots)
 
     def draft_chain(self):
         return self.runner.draft_chain

@@ -51,8 +51,8 @@ class WorkerGroup:
     def forward(self, *args):
         return self._call("forward", *args)[0]
 
-    def commit(self, last_kept: list[int]) -> None:
-        self._call("commit", last_kept)
+    def commit(self, last_kept: list[int], snapshots: list[tuple[int, int, int]] = ()) -> None:
+        self._call("commit", last_kept, snapshots)
 
     def comm_seconds(self) -> float:
         return sum(self._call("comm_seconds")) / self.size

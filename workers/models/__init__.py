@@ -89,6 +89,13 @@ def _head_is_embedding(model: nn.Module) -> bool:
         return False
 
 
+def state_snapshot_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of recurrent state the prefix cache keeps per KV block for this architecture (0: none; an
+    unsupported one is refused by load_model, with the list of supported ones)."""
+    model_class = _registry().get((getattr(cfg, "architectures", None) or [None])[0])
+    return model_class.state_snapshot_bytes(cfg, dtype) if model_class is not None else 0
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[nn.Module, object]:
     """Instantiate the model named by config.json and load its weights; returns (model, hf_config)."""
     cfg = load_hf_config(model_dir)

@@ -79,8 +79,12 @@ class Qwen3ForCausalLM(DraftHeads, nn.Module):
     def make_mlp(self, layer: int) -> nn.Module:
         return SwiGLU(self.cfg.hidden_size, self.cfg.intermediate_size)
 
-    def make_state(self, num_slots: int, dtype: torch.dtype, device) -> None:
+    def make_state(self, num_slots: int, dtype: torch.dtype, device, num_snapshots: int = 0) -> None:
         return None  # attention only: the paged KV is the whole state
+
+    @staticmethod
+    def state_snapshot_bytes(cfg, dtype: torch.dtype) -> int:
+        return 0  # a cached prefix is its KV blocks alone
 
     def forward(
         self,

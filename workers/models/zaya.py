@@ -20,23 +20,53 @@ class CCAState:
     conv[l][slot] holds the pre-convolution [q;k] of the last two committed tokens (older, newer);
     v[l][slot] the delayed value projection of the last one. A forward only reads it; `commit`
     writes it once the step knows which token is the last one kept (rollback = not committing).
+    With the prefix cache, the state after each full block's last token is also kept, by block id
+    (snap_conv, snap_v), so a request resuming from a cached prefix restores it into its slot.
     """
 
     def __init__(self, num_layers: int, num_slots: int, conv_channels: int, v_dim: int,
-                 dtype: torch.dtype, device):
-        self.conv = [torch.zeros(num_slots, 2, conv_channels, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(num_slots, v_dim, dtype=dtype, device=device) for _ in range(num_layers)]
+                 dtype: torch.dtype, device, num_snapshots: int = 0):
+        def zeros(*shape):
+            return [torch.zeros(*shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        self.conv, self.v = zeros(num_slots, 2, conv_channels), zeros(num_slots, v_dim)
+        self.snap_conv, self.snap_v = zeros(num_snapshots, 2, conv_channels), zeros(num_snapshots, v_dim)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = [None] * num_layers  # type: ignore[list-item]
 
-    def commit(self, meta: AttentionMetadata, last_index: torch.Tensor) -> None:
-        """last_index: [B] long, flat index of each request's last kept token in the last forward."""
-        base = 1 + 2 * meta.num_requests
-        own = base + last_index
-        prev = meta.conv_index[last_index, 1]
-        for layer, (qk_ext, v_ext) in enumerate(self.pending):
-            self.conv[layer][meta.state_slots] = torch.stack([qk_ext[prev], qk_ext[own]], dim=1)
-            self.v[layer][meta.state_slots] = v_ext[own]
+    @staticmethod
+    def snapshot_bytes(cfg, dtype: torch.dtype) -> int:
+        """Bytes of one block's snapshot: per layer two [q;k] rows and one delayed value row."""
+        c = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+        v = cfg.num_key_value_heads * cfg.head_dim // 2
+        return cfg.num_hidden_layers * (2 * c + v) * torch.empty((), dtype=dtype).element_size()
+
+    def commit(self, meta: AttentionMetadata, last_index: torch.Tensor, snap_index: torch.Tensor | None = None,
+               snap_blocks: torch.Tensor | None = None) -> None:
+        """last_index: [B] long, flat index of each request's last kept token in the last forward;
+        snap_index / snap_blocks: [S] long, flat indices of tokens that end a full block, and those blocks."""
+        snap = snap_index is not None and len(snap_index) > 0
+        slots = meta.state_slots
+        for layer, pending in enumerate(self.pending):
+            self.conv[layer][slots], self.v[layer][slots] = _state_after(pending, meta, last_index)
+            if snap:
+                self.snap_conv[layer][snap_blocks], self.snap_v[layer][snap_blocks] = _state_after(pending, meta,
+                                                                                                   snap_index)
         self.pending = [None] * len(self.pending)  # type: ignore[list-item]
+
+    def restore(self, slots: torch.Tensor, blocks: torch.Tensor) -> None:
+        """slots, blocks: [R] long: load the snapshot kept for blocks[i] into state slot slots[i]."""
+        for layer in range(len(self.conv)):
+            self.conv[layer][slots] = self.snap_conv[layer][blocks]
+            self.v[layer][slots] = self.snap_v[layer][blocks]
+
+
+def _state_after(pending: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, index: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state after each token `index` ([N] flat indices) of the last forward: its [q;k] row and the one
+    one back on its branch ([N, 2, C]), and its delayed value ([N, v_dim])."""
+    qk_ext, v_ext = pending
+    own = 1 + 2 * meta.num_requests + index
+    return torch.stack([qk_ext[meta.conv_index[index, 1]], qk_ext[own]], dim=1), v_ext[own]
 
 
 class ZayaCCAProjection(nn.Module):
@@ -278,10 +308,15 @@ class ZayaForCausalLM(DraftHeads, nn.Module):
         self.tie_word_embeddings = getattr(cfg, "tie_word_embeddings", True)
         self.init_draft_heads(cfg)
 
-    def make_state(self, num_slots: int, dtype: torch.dtype, device) -> CCAState:
+    def make_state(self, num_slots: int, dtype: torch.dtype, device, num_snapshots: int = 0) -> CCAState:
         c = self.cfg
         return CCAState(c.num_hidden_layers, num_slots, (c.num_attention_heads + c.num_key_value_heads) * c.head_dim,
-                        c.num_key_value_heads * c.head_dim // 2, dtype, device)
+                        c.num_key_value_heads * c.head_dim // 2, dtype, device, num_snapshots)
+
+    @staticmethod
+    def state_snapshot_bytes(cfg, dtype: torch.dtype) -> int:
+        """Bytes of the recurrent state kept per cached KV block (the prefix cache's CCA snapshots)."""
+        return CCAState.snapshot_bytes(cfg, dtype)
 
     def forward(
         self,
