@@ -10,13 +10,38 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from workers.request import RequestTotals
 
+# OpenAI request fields accepted and ignored: they ask nothing of the answer.
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+# OpenAI request fields not supported yet, accepted only at a value that asks for nothing; any other value is a
+# 400 naming the field, never silently ignored (every other unknown field is refused too).
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "stop": (None, "", []),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="usage rides on the last chunk whether or not this is set")
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -29,6 +54,18 @@ class _Request(BaseModel):
     stream: bool = False
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    stream_options: StreamOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data):
+        """Drop the ignored fields and the unsupported ones at their do-nothing values; refuse the rest."""
+        if not isinstance(data, dict):
+            return data
+        asked = [k for k, harmless in UNSUPPORTED_FIELDS.items() if k in data and data[k] not in harmless]
+        if asked:
+            raise ValueError(f"not supported yet: {', '.join(asked)} (README: 'OpenAI fields')")
+        return {k: v for k, v in data.items() if k not in IGNORED_FIELDS and k not in UNSUPPORTED_FIELDS}
 
     def sampling(self) -> dict:
         return {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,

@@ -315,6 +315,7 @@ def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server, client,
     offline generation's, usage reports the 32 cached tokens on both doors, and /metrics counts the hits."""
     shared = "def tidal_fibo(n):\n    return n if n < 2 else   "  # 48 bytes: three blocks of 16
     server.wait_idle()
+    time.sleep(1.5)  # every ingress has posted its counters since the last request ended
     queries, hits = (metric_total(server, name) for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"))
     first = server.gen.Generate(request(shared + "fib(n - 1)", 4), metadata=MD, timeout=60)
     assert first.usage.cached_tokens == 0
@@ -480,7 +481,25 @@ BAD_HTTP = [
     ("n > 1", {"prompt": PROMPT, "n": 2}, "n: Input should be less than or equal to 1"),
     ("max_tokens over the limit", {"prompt": PROMPT, "max_tokens": LONG + 1}, "max_tokens_limit"),
     ("prompt too long to tokenize", {"prompt": "x" * 60_000}, "characters"),
+    ("unknown field", {"prompt": PROMPT, "temprature": 0.5}, "temprature: Extra inputs are not permitted"),
+    ("stop strings, not supported yet", {"prompt": PROMPT, "stop": ["\n\n"]}, "not supported yet: stop"),
+    ("logprobs and a penalty, not supported yet", {"prompt": PROMPT, "logprobs": 2, "presence_penalty": 0.5},
+     "not supported yet: logprobs, presence_penalty"),
 ]
+
+
+def test_openai_fields_that_ask_nothing_are_accepted(client, offline):
+    """The ignored fields, and the unsupported ones at values that ask for nothing, leave the answer as it is."""
+    want = offline.decode(reference(offline, PROMPT, 6).output_token_ids)
+    c = client.completions.create(model="tidal", prompt=PROMPT, max_tokens=6, user="u-1", stop=None, logprobs=None,
+                                  presence_penalty=0, frequency_penalty=0.0, echo=False, best_of=1,
+                                  extra_body={"ignore_eos": True, "metadata": {"team": "x"}})
+    assert c.choices[0].text == want
+    chunks = list(client.chat.completions.create(
+        model="tidal", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True, user="u-1",
+        stream_options={"include_usage": True}, response_format={"type": "text"}, tool_choice="none",
+        extra_body={"ignore_eos": True, "store": False}))
+    assert chunks[-1].usage.completion_tokens == 4
 
 
 @pytest.mark.parametrize("case", BAD_HTTP, ids=[c[0] for c in BAD_HTTP])
@@ -510,8 +529,10 @@ def test_oversized_requests_are_refused_before_parsing(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=60)
     assert e.value.code == 413 and "max_request_bytes" in json.loads(e.value.read())["error"]["message"]
-    with pytest.raises(grpc.RpcError) as e:
-        server.gen.Generate(request(text, 4), metadata=MD, timeout=30)
+    # a fresh connection: on the module's channel, one recycled (max_age) while the megabyte goes up would
+    # answer UNAVAILABLE instead (README, 'Serving')
+    with fresh_channel(server) as channel, pytest.raises(grpc.RpcError) as e:
+        pbg.GenerationStub(channel).Generate(request(text, 4), metadata=MD, timeout=30)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
     status, reply = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
     assert status == 200 and reply["usage"]["completion_tokens"] == 4
@@ -546,7 +567,7 @@ def test_openai_bad_request_error(client):
 
 # ---- 6. overload: RESOURCE_EXHAUSTED / 429 at once, admitted requests complete -------------------------
 
-BURST, BURST_TOKENS = 20, 300  # long enough that the burst overlaps however its arrivals spread
+BURST, BURST_TOKENS = 20, 600  # long enough that the burst overlaps however its arrivals spread (300 did not, once)
 
 
 def _burst(fn) -> list[tuple]:
@@ -628,13 +649,13 @@ LOAD_STREAMS = 64
 def test_64_mixed_streams_all_end_and_leave_nothing_held(server):
     """bench.load's round: each stream gets its full answer, or RESOURCE_EXHAUSTED / 429 before any token,
     or ends by its own cancel or deadline; none hangs (a generous bound: liveness only); afterwards no
-    request holds KV, and a second round leaves no more file descriptors open in the ingresses than the first."""
+    request holds KV, and later rounds leave no more file descriptors open in the ingresses than the first."""
     from bench.load import load_round, open_fds
 
     fds, outcomes = [], collections.Counter()
     channels = [fresh_channel(server) for _ in range(LOAD_STREAMS // STREAMS_PER_CONNECTION)]
     gens = [pbg.GenerationStub(c) for c in channels]
-    for _ in range(2):
+    for _ in range(3):
         server.wait_idle(timeout_s=30)
         got, pids, errors = load_round(gens, server.http_port, LOAD_STREAMS, 26, hang_s=180, metadata=MD)
         assert not errors and got["hung"] == 0, (got, errors)
@@ -645,7 +666,8 @@ def test_64_mixed_streams_all_end_and_leave_nothing_held(server):
         c.close()
     print("load outcomes:", dict(outcomes), "ingress fds after each round:", fds)
     assert outcomes["full"] > 0 and outcomes["refused"] > 0 and outcomes["cancelled"] > 0, outcomes
-    assert fds[1] <= fds[0] + LOAD_STREAMS // 8, fds  # a leak per stream would be +64 or more; pools vary a little
+    # a leak grows every round (+64 for one per stream); connection pools move by ~16 either way between rounds
+    assert min(fds[1:]) <= fds[0] + LOAD_STREAMS // 8, fds
 
 
 # ---- several ingress replicas ---------------------------------------------------------------------------
@@ -962,6 +984,7 @@ def test_drain_on_one_ingress_refuses_new_work_on_all(server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server.wait_idle()
+    time.sleep(1.5)  # every ingress has reported (each half second) since its last request ended
     assert server.ctl.Drain(pb.DrainRequest(), metadata=MD, timeout=10).in_flight == 0
     # at once (not a health-loop second later), on every ingress: fresh connections reach them all
     refused_by = set()
