@@ -64,8 +64,10 @@ class LLMEngine:
         c = self.hf_config
         per_block = KVCache.bytes_per_block(c.num_hidden_layers, config.block_size, c.num_key_value_heads,
                                             head_dim_of(c), dtype)
-        if config.prefix_caching:  # ZAYA: each cached block keeps the CCA state after its last token
-            per_block += state_snapshot_bytes(c, dtype)
+        # ZAYA with the prefix cache: each cached block keeps the CCA state after its last token
+        snapshot_bytes = state_snapshot_bytes(c, dtype) if config.prefix_caching else 0
+        self.keeps_state_snapshots = snapshot_bytes > 0
+        per_block += snapshot_bytes
         num_blocks = config.kv_cache_bytes // per_block
         if num_blocks < 2:
             raise EngineStartError(f"kv_cache_bytes {config.kv_cache_bytes} holds fewer than 2 KV blocks "
@@ -192,8 +194,8 @@ class LLMEngine:
 
     def _snapshots(self, batch: list[Scheduled], last_kept: list[int]) -> list[tuple[int, int, int]]:
         """(request index, local index, block) for each token of the step that is kept and ends a full block:
-        the prefix cache keeps the recurrent state after it (ZAYA's CCA; ignored by attention-only models)."""
-        if not self.config.prefix_caching:
+        the prefix cache keeps the recurrent state after it (ZAYA's CCA; none for attention-only models)."""
+        if not self.keeps_state_snapshots:
             return []
         bs, out = self.config.block_size, []
         for b, (s, kept) in enumerate(zip(batch, last_kept, strict=True)):

@@ -33,13 +33,6 @@ class CCAState:
         self.snap_conv, self.snap_v = zeros(num_snapshots, 2, conv_channels), zeros(num_snapshots, v_dim)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = [None] * num_layers  # type: ignore[list-item]
 
-    @staticmethod
-    def snapshot_bytes(cfg, dtype: torch.dtype) -> int:
-        """Bytes of one block's snapshot: per layer two [q;k] rows and one delayed value row."""
-        c = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
-        v = cfg.num_key_value_heads * cfg.head_dim // 2
-        return cfg.num_hidden_layers * (2 * c + v) * torch.empty((), dtype=dtype).element_size()
-
     def commit(self, meta: AttentionMetadata, last_index: torch.Tensor, snap_index: torch.Tensor | None = None,
                snap_blocks: torch.Tensor | None = None) -> None:
         """last_index: [B] long, flat index of each request's last kept token in the last forward;
@@ -315,8 +308,11 @@ class ZayaForCausalLM(DraftHeads, nn.Module):
 
     @staticmethod
     def state_snapshot_bytes(cfg, dtype: torch.dtype) -> int:
-        """Bytes of the recurrent state kept per cached KV block (the prefix cache's CCA snapshots)."""
-        return CCAState.snapshot_bytes(cfg, dtype)
+        """Bytes of the CCA state the prefix cache keeps per KV block: per layer, as make_state lays it out,
+        two [q;k] rows and one delayed value row."""
+        c = (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+        v = cfg.num_key_value_heads * cfg.head_dim // 2
+        return cfg.num_hidden_layers * (2 * c + v) * torch.empty((), dtype=dtype).element_size()
 
     def forward(
         self,
