@@ -1,7 +1,7 @@
 """Prefix caching in process: TTFT and tokens/s of requests that share a long prompt prefix, cache on vs off.
 
     python -m bench.prefix_cache [--model models/zaya-code-tiny] [--prefix 1024] [--concurrency 1,8]
-                                 [--requests 8] [--max-tokens 64] [--rounds 3] [--json out.json]
+                                 [--requests 8] [--max-tokens 64] [--rounds 3] [--served] [--json out.json]
 
 Every request is a --prefix-token prefix of real code (bench/prompts.py, outside the training data) and a
 32-token suffix of its own (greedy, ignore_eos, --max-tokens). A cell is one variant (cache on or off) and
@@ -10,7 +10,9 @@ the cache on it fills the cache: a miss), then --requests requests in waves of c
 cell: TTFT (submit to first token) p50 of the measured requests, completion tokens/s over their wall time,
 the prefix-cache hit rate (tokens found / prompt tokens looked up), and whether every output equals the other
 variant's. Rounds interleave the variants (on, off, on, off, ...) and medians over rounds are quoted; one
-compute thread.
+compute thread. With --served the same cells run end to end: a fresh `tidal serve` per cell (default, or
+--no-prefix-caching), streamed completions through the official openai client from c threads, TTFT = submit
+to the first chunk with text, the hit rate from `usage.prompt_tokens_details.cached_tokens`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -63,6 +67,43 @@ def cell(model: str, prefix_caching: bool, c: int, prefix: list[int], suffixes: 
             "hit_rate": (engine.blocks.hits - hits) / looked_up if looked_up else 0.0, "outputs": outputs}
 
 
+def served_cell(model: str, prefix_caching: bool, c: int, prefix: list[int], suffixes: list[list[int]],
+                max_tokens: int, port: int) -> dict:
+    """`cell` through `tidal serve` and the openai client (token-id prompts, streamed completions)."""
+    import openai
+
+    from bench.e2e import Server
+
+    server = Server("tidal", model, port, () if prefix_caching else ("--no-prefix-caching",),
+                    name=f"tidal-cache-{'on' if prefix_caching else 'off'}")
+    server.start(Path(tempfile.mkdtemp()))
+    client = openai.OpenAI(base_url=server.base_url, api_key="-", max_retries=0, timeout=300)
+
+    def one(suffix: list[int]) -> tuple[float, list[str], int, int]:
+        start, first, text, usage = time.perf_counter(), None, [], None
+        for chunk in client.completions.create(model="tidal", prompt=prefix + suffix, max_tokens=max_tokens,
+                                               stream=True, extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].text and first is None:
+                first = time.perf_counter() - start
+            text += [ch.text for ch in chunk.choices]
+            usage = chunk.usage or usage
+        return first, text, usage.completion_tokens, usage.prompt_tokens_details.cached_tokens
+
+    try:
+        one(suffixes[0])  # warm-up: with the cache on, it caches the prefix
+        start, results = time.perf_counter(), []
+        with ThreadPoolExecutor(c) as pool:
+            rest = suffixes[1:]
+            for w in range(0, len(rest), c):
+                results += list(pool.map(one, rest[w : w + c]))
+        wall = time.perf_counter() - start
+    finally:
+        server.stop()
+    prompt_tokens = sum(len(prefix) + len(x) for x in suffixes[1:])
+    return {"ttft_p50_s": statistics.median(r[0] for r in results), "tokens_per_s": sum(r[2] for r in results) / wall,
+            "hit_rate": sum(r[3] for r in results) / prompt_tokens, "outputs": ["".join(r[1]) for r in results]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/zaya-code-tiny")
@@ -71,6 +112,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8, help="measured requests per cell")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--served", action="store_true", help="through `tidal serve` and the openai client")
+    ap.add_argument("--port", type=int, default=8600)
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -84,7 +127,8 @@ def main() -> None:
     for r in range(args.rounds):
         for c in levels:
             for on in (True, False):
-                res = cell(args.model, on, c, prefix, suffixes, params)
+                res = (served_cell(args.model, on, c, prefix, suffixes, args.max_tokens, args.port) if args.served
+                       else cell(args.model, on, c, prefix, suffixes, params))
                 runs[(c, on)].append(res)
                 print(f"round {r} c={c} cache={'on' if on else 'off'}: TTFT p50 {1000 * res['ttft_p50_s']:.0f} ms, "
                       f"{res['tokens_per_s']:.0f} tokens/s, hit rate {res['hit_rate']:.2f}", flush=True)
