@@ -583,6 +583,19 @@ def _burst(fn) -> list[tuple]:
         return list(ex.map(one, range(BURST)))
 
 
+def _overload(server, fn, ok, rejected, attempts: int = 3) -> None:
+    """Burst until one overloads the server, then check that one. On a busy machine a burst's arrivals can
+    spread out enough to be served whole (CI saw 20 of 20 admitted, at 300 and at 600 tokens): that burst
+    proves nothing about refusals, so after checking that each of its requests completed in full, go again."""
+    for _ in range(attempts):
+        server.wait_idle()
+        results = _burst(fn)
+        if any(r[0] == rejected for r in results):
+            break
+        assert all(r[0] == ok and r[1] == BURST_TOKENS for r in results), results
+    _check_burst(results, ok, rejected)
+
+
 def _check_burst(results, ok, rejected):
     """results: (outcome, detail, seconds); every request either completed in full or was refused fast."""
     assert {r[0] for r in results} <= {ok, rejected}, results
@@ -615,10 +628,11 @@ def test_grpc_overload(server):
         except grpc.RpcError as e:
             return (e.code().name, e.details())
 
-    results = _burst(one)
-    for c in channels:
-        c.close()
-    _check_burst(results, "OK", "RESOURCE_EXHAUSTED")
+    try:
+        _overload(server, one, "OK", "RESOURCE_EXHAUSTED")
+    finally:
+        for c in channels:
+            c.close()
     server.wait_idle()
     assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
 
@@ -634,8 +648,7 @@ def test_http_overload(server):
         assert body["error"]["type"] == "rate_limit_error", body
         return (status, body["error"]["message"])
 
-    results = _burst(one)
-    _check_burst(results, 200, 429)
+    _overload(server, one, 200, 429)
     server.wait_idle()
     status, body = http(f"{server.base}/v1/completions", {"prompt": PROMPT, "max_tokens": 4})
     assert status == 200
