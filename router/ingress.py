@@ -29,7 +29,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
-from tokenizers.decoders import DecodeStream
 
 from proto import tidal_pb2 as pb
 from router import grpc_server, telemetry
@@ -41,6 +40,7 @@ from router.events import Caller, EngineRequest, ReplicaInfo, StreamEvent
 from router.limits import BodyLimit, prompt_char_limit
 from router.stats import StatsBoard
 from workers.config import InvalidRequest, SamplingParams
+from workers.detokenizer import Detokenizer
 from workers.loader import load_tokenizer
 from workers.request import RequestTotals, StepRecord
 
@@ -76,35 +76,6 @@ http_app.add_middleware(IngressHeader)
 async def _bad_json(request: Request, exc: RequestValidationError):
     problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
     return JSONResponse(oa.error_body(f"invalid request: {problems}", 400), status_code=400)
-
-
-class Detokenizer:
-    """Incremental text with the `tokenizers` streaming decoder (DecodeStream): work per token is constant,
-    where decoding the whole output again at every step grew with its length; an incomplete UTF-8 sequence
-    waits for the token that completes it. Special tokens are skipped, as Tokenizer.decode does. The last
-    call (`final`) also returns what is still held, as decoding the whole output would show it."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.stream = DecodeStream(skip_special_tokens=True)
-        self.ids: list[int] = []
-        self.sent = 0  # characters returned so far
-        self.held = False  # the last token's text is not out yet
-
-    def add(self, token_ids: list[int], final: bool = False) -> str:
-        if self.tokenizer is None:
-            return ""
-        self.ids += token_ids
-        parts = []
-        for t in token_ids:
-            chunk = self.stream.step(self.tokenizer, t)
-            self.held = chunk is None
-            parts.append(chunk or "")
-        text = "".join(parts)
-        if final and self.held:
-            text += self.tokenizer.decode(self.ids)[self.sent + len(text):]
-        self.sent += len(text)
-        return text
 
 
 @serve.ingress(http_app)
@@ -244,7 +215,7 @@ class Ingress:
         s = request.sampling
         sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
                     if s.HasField(name)}
-        sampling.update(stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        sampling.update(stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id, stream)
 
@@ -301,7 +272,7 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         try:
             req = self._grpc_request(request, grpc_context, stream=False)
-            text = Detokenizer(self.tokenizer if request.return_text else None)
+            text = Detokenizer(self.tokenizer if request.return_text else None, req.sampling.stop)
             ids, parts, last = [], [], None
             async for event in self._grpc_events(req, grpc_context):
                 ids += event.token_ids
@@ -318,7 +289,7 @@ class Ingress:
         try:
             req = self._grpc_request(request, grpc_context, stream=True)
             await grpc_context.send_initial_metadata((("tidal-ingress", INGRESS_ID),))  # known from the first message
-            text = Detokenizer(self.tokenizer if request.return_text else None)
+            text = Detokenizer(self.tokenizer if request.return_text else None, req.sampling.stop)
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
                                                 text=text.add(event.token_ids, event.finished))
@@ -459,8 +430,9 @@ class Ingress:
             return self._http_error(e)
         model = self.config.model_name
         if body.stream:
-            return StreamingResponse(self._sse(events, first, rid, model, chat), media_type="text/event-stream")
-        text = Detokenizer(self.tokenizer)
+            return StreamingResponse(self._sse(events, first, rid, model, chat, req.sampling.stop),
+                                     media_type="text/event-stream")
+        text = Detokenizer(self.tokenizer, req.sampling.stop)
         parts, last = [text.add(first.token_ids, first.finished)], first
         try:
             async for event in events:
@@ -472,8 +444,9 @@ class Ingress:
         return make(rid, model, "".join(parts), last.finish_reason, last.prompt_tokens,
                     last.stats.generated_tokens, last.stats)
 
-    async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool) -> AsyncIterator[str]:
-        text = Detokenizer(self.tokenizer)
+    async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool, stop: tuple[str, ...]
+                   ) -> AsyncIterator[str]:
+        text = Detokenizer(self.tokenizer, stop)
         event, opening = first, True
         try:
             while True:

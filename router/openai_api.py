@@ -19,7 +19,6 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_ca
 # OpenAI request fields not supported yet, accepted only at a value that asks for nothing; any other value is a
 # 400 naming the field, never silently ignored (every other unknown field is refused too).
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "stop": (None, "", []),
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "presence_penalty": (None, 0),
@@ -52,6 +51,7 @@ class _Request(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings; not part of the returned text")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream_options: StreamOptions | None = None
@@ -70,6 +70,7 @@ class _Request(BaseModel):
     def sampling(self) -> dict:
         return {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": (self.stop,) if isinstance(self.stop, str) and self.stop else tuple(self.stop or ()),
                 "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos}
 
 

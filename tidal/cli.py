@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--stop", action="append", help="a stop string (repeat for up to 4); not part of the text")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--mode", choices=["auto", "ar", "tidar"], default="auto",
                    help="auto (default): tidar when the model names a mask token (and the backend is native), else ar")
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=64)
     c.add_argument("--temperature", type=float)
     c.add_argument("--seed", type=int)
+    c.add_argument("--stop", action="append", help="a stop string (repeat for up to 4)")
     c.add_argument("--stream", action="store_true", help="print tokens as each decode step commits them")
     c.add_argument("--api-key")
     c.add_argument("--stats", action="store_true", help="print the server's live stats instead")
@@ -204,6 +206,7 @@ def cmd_client(args) -> int:
             sampling.temperature = args.temperature
         if args.seed is not None:
             sampling.seed = args.seed
+        sampling.stop.extend(args.stop or ())
         request = pb.GenerateRequest(sampling=sampling, return_text=True)
         if args.prompt_token_ids:
             request.token_ids.ids.extend(args.prompt_token_ids)
@@ -225,12 +228,14 @@ def cmd_client(args) -> int:
 def cmd_generate(args) -> int:
     from workers.backends import EngineStartError, create_engine
     from workers.config import EngineConfig, InvalidRequest, SamplingParams, TidarConfig
+    from workers.detokenizer import Detokenizer
     from workers.loader import ModelLoadError, load_tokenizer
 
     engine = None
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                     top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+                                     top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+                                     stop=tuple(args.stop or ()))
         tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels,
                                         two_forward=args.two_forward or None,
                                         sampler=args.sampler, mix_weight=args.mix_weight,
@@ -254,7 +259,7 @@ def cmd_generate(args) -> int:
     finally:
         if engine is not None:
             engine.shutdown()
-    text = tokenizer.decode(out.output_token_ids) if tokenizer is not None else ""
+    text = Detokenizer(tokenizer, params.stop).add(out.output_token_ids, final=True) if tokenizer is not None else ""
     if args.json:
         print(json.dumps({"text": text, "token_ids": out.output_token_ids, "prompt_token_ids": out.prompt_token_ids,
                           "finish_reason": out.finish_reason, "stats": out.stats.as_dict()}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -20,6 +20,10 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # per stop string: holding back a partial match costs its length squared
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens for one request. temperature 0 means greedy."""
 
@@ -31,6 +35,8 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64, description="what torch.Generator.manual_seed accepts")
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field(
+        (), max_length=MAX_STOPS, description="stop strings: the text ends where the first one begins")
     ignore_eos: bool = False
 
     @classmethod

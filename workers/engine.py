@@ -25,7 +25,15 @@ from workers.layout import StepLayout
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, head_dim_of
 from workers.models import state_snapshot_bytes
-from workers.request import Request, RequestOutput, RequestTimes, StepRecord, generate_all, prompt_token_ids
+from workers.request import (
+    Request,
+    RequestOutput,
+    RequestTimes,
+    StepRecord,
+    generate_all,
+    prompt_token_ids,
+    stop_watcher,
+)
 from workers.sampler import make_generator
 from workers.scheduler import Scheduled, Scheduler
 
@@ -118,7 +126,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params, next(self._arrivals),
-                      generator=make_generator(params, self.config.device))
+                      generator=make_generator(params, self.config.device),
+                      stop_strings=stop_watcher(params, self.tokenizer))
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
@@ -257,7 +266,8 @@ class LLMEngine:
         kept, reason = [], None
         for t in tokens:
             kept.append(t)
-            if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_token_ids):
+            if (t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_token_ids)
+                    or (req.stop_strings is not None and req.stop_strings.feed(t))):
                 reason = "stop"
             elif (len(req.output_token_ids) + len(kept) >= p.max_tokens
                   or req.num_tokens + len(kept) >= self.max_model_len):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.config import InvalidRequest, SamplingParams
+from workers.detokenizer import Detokenizer
 
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
@@ -28,6 +29,15 @@ def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, max_mo
         raise InvalidRequest(f"prompt has {len(ids)} tokens but the context holds {max_model_len} "
                              "(including at least one generated token)")
     return ids
+
+
+def stop_watcher(params: SamplingParams, tokenizer) -> Detokenizer | None:
+    """The detokenizer that finds a request's stop strings in its output (None: it has none)."""
+    if not params.stop:
+        return None
+    if tokenizer is None:
+        raise InvalidRequest("stop strings need the model's tokenizer.json; use stop_token_ids instead")
+    return Detokenizer(tokenizer, params.stop)
 
 
 def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None
@@ -158,6 +168,7 @@ class Request:
     block_names: list[bytes] = field(default_factory=list)  # prefix-cache names of its full blocks of tokens
     num_named_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     restore_state_from: int | None = None  # cached block whose recurrent-state snapshot it resumes from
+    stop_strings: Detokenizer | None = None  # watches the output's text when params.stop is set
 
     @property
     def all_token_ids(self) -> list[int]:

