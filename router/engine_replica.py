@@ -105,7 +105,7 @@ class EngineReplica:
         """The event for `out`, carrying the tokens and steps of the `pending` one not yet sent."""
         event = StreamEvent(out.request_id, list(out.new_token_ids), len(out.prompt_token_ids),
                             [out.step] if out.step else [], out.finished, out.finish_reason,
-                            out.stats, out.error)
+                            out.stats, out.error, out.logprobs)
         return pending.merged_into(event) if pending is not None else event
 
     def _account(self, out) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from workers.config import SamplingParams
-from workers.request import RequestTotals, StepRecord
+from workers.request import RequestTotals, StepRecord, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,12 @@ class StreamEvent:
     finish_reason: str | None = None  # stop | length | abort | error, on the last event
     stats: RequestTotals | None = None  # the request's totals, on the last event only
     error: str | None = None  # the engine's failure message (finish_reason "error")
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
     def merged_into(self, later: StreamEvent) -> StreamEvent:
         """This event's tokens and steps ahead of `later`'s: one message for both."""
         later.token_ids = self.token_ids + later.token_ids
         later.steps = self.steps + later.steps
+        if self.logprobs is not None:
+            later.logprobs = self.logprobs + (later.logprobs or [])
         return later

@@ -78,6 +78,11 @@ async def _bad_json(request: Request, exc: RequestValidationError):
     return JSONResponse(oa.error_body(f"invalid request: {problems}", 400), status_code=400)
 
 
+def _token_logprobs(entries) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in e.top]) for e in entries]
+
+
 @serve.ingress(http_app)
 class Ingress:
     async def __init__(self, engine, coordinator, config: dict):
@@ -213,8 +218,10 @@ class Ingress:
         self._authorize(dict(grpc_context.invocation_metadata()))
         self._hold_stream(grpc_context)
         s = request.sampling
-        sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed")
-                    if s.HasField(name)}
+        sampling = {name: getattr(s, name) for name in ("max_tokens", "temperature", "top_k", "top_p", "seed",
+                                                        "logprobs", "presence_penalty", "frequency_penalty",
+                                                        "repetition_penalty", "mix_weight") if s.HasField(name)}
+        sampling["sampler"] = s.sampler or None
         sampling.update(stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id, stream)
@@ -273,13 +280,15 @@ class Ingress:
         try:
             req = self._grpc_request(request, grpc_context, stream=False)
             text = Detokenizer(self.tokenizer if request.return_text else None, req.sampling.stop)
-            ids, parts, last = [], [], None
+            ids, parts, logprobs, last = [], [], [], None
             async for event in self._grpc_events(req, grpc_context):
                 ids += event.token_ids
                 parts.append(text.add(event.token_ids, event.finished))
+                logprobs += event.logprobs or ()
                 last = event
             return pb.GenerateResponse(request_id=last.request_id, token_ids=ids, text="".join(parts),
-                                       finish_reason=last.finish_reason, usage=self._usage(last))
+                                       finish_reason=last.finish_reason, usage=self._usage(last),
+                                       logprobs=_token_logprobs(logprobs))
         except Exception as e:
             self._fail(grpc_context, e)
             return pb.GenerateResponse()
@@ -292,7 +301,8 @@ class Ingress:
             text = Detokenizer(self.tokenizer if request.return_text else None, req.sampling.stop)
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
-                                                text=text.add(event.token_ids, event.finished))
+                                                text=text.add(event.token_ids, event.finished),
+                                                logprobs=_token_logprobs(event.logprobs or ()))
                 if event.steps:
                     msg.step.CopyFrom(self._step_stats(event.steps))
                     msg.steps.extend(self._step_stats([s]) for s in event.steps)
@@ -430,30 +440,44 @@ class Ingress:
             return self._http_error(e)
         model = self.config.model_name
         if body.stream:
-            return StreamingResponse(self._sse(events, first, rid, model, chat, req.sampling.stop),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(events, first, rid, model, chat, req), media_type="text/event-stream")
         text = Detokenizer(self.tokenizer, req.sampling.stop)
-        parts, last = [text.add(first.token_ids, first.finished)], first
+        parts, logprobs, last = [text.add(first.token_ids, first.finished)], list(first.logprobs or ()), first
         try:
             async for event in events:
                 parts.append(text.add(event.token_ids, event.finished))
+                logprobs += event.logprobs or ()
                 last = event
         except Exception as e:
             return self._http_error(e)
         make = oa.chat_body if chat else oa.completion_body
         return make(rid, model, "".join(parts), last.finish_reason, last.prompt_tokens,
-                    last.stats.generated_tokens, last.stats)
+                    last.stats.generated_tokens, last.stats, self._logprobs_body(req, logprobs, chat, 0))
 
-    async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool, stop: tuple[str, ...]
+    def _token_text(self, token_id: int) -> str:
+        """One token's own text, for logprobs (vLLM's `token_id:N` form where there is no tokenizer)."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def _logprobs_body(self, req: EngineRequest, entries: list, chat: bool, offset: int) -> dict | None:
+        if req.sampling.logprobs is None:
+            return None
+        if chat:
+            return oa.chat_logprobs(entries, self._token_text)
+        return oa.completion_logprobs(entries, self._token_text, offset)
+
+    async def _sse(self, events, first: StreamEvent, rid: str, model: str, chat: bool, req: EngineRequest
                    ) -> AsyncIterator[str]:
-        text = Detokenizer(self.tokenizer, stop)
-        event, opening = first, True
+        text = Detokenizer(self.tokenizer, req.sampling.stop)
+        event, opening, offset = first, True, 0
         try:
             while True:
                 delta = text.add(event.token_ids, event.finished)
                 finish = event.finish_reason if event.finished else None
-                chunk = (oa.chat_chunk(rid, model, delta, finish, opening) if chat
-                         else oa.completion_chunk(rid, model, delta, finish))
+                logprobs = self._logprobs_body(req, event.logprobs or [], chat, offset)
+                if logprobs is not None and not chat and logprobs["tokens"]:
+                    offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                chunk = (oa.chat_chunk(rid, model, delta, finish, opening, logprobs) if chat
+                         else oa.completion_chunk(rid, model, delta, finish, logprobs))
                 if event.finished:
                     stats = event.stats
                     chunk["usage"] = oa.usage(event.prompt_tokens, stats.generated_tokens, stats.cached_tokens)

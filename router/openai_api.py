@@ -6,23 +6,22 @@ request (forwards, drafted, accepted, mean_acceptance_length, acceptance_by_posi
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.request import RequestTotals
+from workers.config import MAX_LOGPROBS
+from workers.request import RequestTotals, TokenLogprob
 
 # OpenAI request fields accepted and ignored: they ask nothing of the answer.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
 # OpenAI request fields not supported yet, accepted only at a value that asks for nothing; any other value is a
 # 400 naming the field, never silently ignored (every other unknown field is refused too).
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
     "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
     "tools": (None, []),
@@ -54,6 +53,11 @@ class _Request(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings; not part of the returned text")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extra: over prompt and output tokens
+    sampler: Literal["lossless", "mix"] | None = None  # Tidal's extra: TiDAR's verifier for this request
+    mix_weight: float | None = None  # Tidal's extra: w of the mix sampler (implies it)
     stream_options: StreamOptions | None = None
 
     @model_validator(mode="before")
@@ -71,11 +75,22 @@ class _Request(BaseModel):
         return {"max_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "stop": (self.stop,) if isinstance(self.stop, str) and self.stop else tuple(self.stop or ()),
-                "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos}
+                "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos,
+                "logprobs": self.alternatives(), "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "sampler": self.sampler, "mix_weight": self.mix_weight}
+
+    def alternatives(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its k most likely alternatives."""
+        return None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[int]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
+
+    def alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -85,6 +100,17 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt(self) -> str:
         """A plain role-tagged transcript; the shipped models have no chat template."""
@@ -109,29 +135,59 @@ def speculative(stats: RequestTotals) -> dict:
 
 
 def completion_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
-                    stats: RequestTotals) -> dict:
+                    stats: RequestTotals, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
             "usage": usage(prompt_tokens, completion_tokens, stats.cached_tokens), "tidal": speculative(stats)}
 
 
 def chat_body(rid: str, model: str, text: str, finish: str | None, prompt_tokens: int, completion_tokens: int,
-              stats: RequestTotals) -> dict:
+              stats: RequestTotals, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                         "logprobs": None}],
+                         "logprobs": logprobs}],
             "usage": usage(prompt_tokens, completion_tokens, stats.cached_tokens), "tidal": speculative(stats)}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict:
+def completion_chunk(rid: str, model: str, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
 
 
-def chat_chunk(rid: str, model: str, text: str | None, finish: str | None, first: bool = False) -> dict:
+def chat_chunk(rid: str, model: str, text: str | None, finish: str | None, first: bool = False,
+               logprobs: dict | None = None) -> dict:
     delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+
+
+def _json_number(logprob: float) -> float:
+    """JSON has no -inf or NaN: vLLM's stand-in for a token the model gives no probability."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def completion_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str], offset: int) -> dict:
+    """The completions API's logprobs object for these tokens; `offset`: characters of text before them.
+    top_logprobs maps token text to logprob: the alternatives and the chosen token, as vLLM reports them."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [_json_number(e.logprob) for e in entries],
+            "top_logprobs": [{**{token_text(i): _json_number(lp) for i, lp in e.top}, t: _json_number(e.logprob)}
+                             for t, e in zip(tokens, entries, strict=True)],
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[TokenLogprob], token_text: Callable[[int], str]) -> dict:
+    """The chat API's logprobs object: each token with its bytes and its top_logprobs alternatives."""
+    def entry(token_id: int, logprob: float) -> dict:
+        text = token_text(token_id)
+        return {"token": text, "logprob": _json_number(logprob), "bytes": list(text.encode())}
+
+    return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(i, lp) for i, lp in e.top]}
+                        for e in entries]}
 
 
 def error_body(message: str, status: int) -> dict:

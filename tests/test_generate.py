@@ -140,8 +140,12 @@ def test_tidal_generate_runs_the_shipped_model_with_tidar_and_matches_transforme
     full = tokenizer.decode(ref)
     stop = full[20:23]
     want_text, want_tokens = stop_by_prefixes(tokenizer, ref, (stop,))
-    args = ["generate", "--prompt", "def fib(n):", "--max-tokens", "40", "--ignore-eos", "--json", "--stop", stop]
+    args = ["generate", "--prompt", "def fib(n):", "--max-tokens", "40", "--ignore-eos", "--json", "--stop", stop,
+            "--logprobs", "2"]
     assert cli.main(args) == 0
     stopped = json.loads(capsys.readouterr().out)
     assert stopped["finish_reason"] == "stop" and stopped["text"] == want_text
     assert stopped["token_ids"] == ref[:want_tokens]
+    # --logprobs: greedy picks each row's most likely token, so it leads its own alternatives
+    assert [e["token_id"] for e in stopped["logprobs"]] == stopped["token_ids"]
+    assert all(e["top"][0] == [e["token_id"], e["logprob"]] and len(e["top"]) == 2 for e in stopped["logprobs"])

@@ -361,6 +361,76 @@ def test_grpc_stop_strings(server, offline):
     server.wait_idle()
 
 
+def logprobs_reference(offline: LLMEngine, prompt, n: int, top: int) -> list:
+    return offline.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True, logprobs=top))[0].logprobs
+
+
+def test_openai_logprobs_are_the_engines(client, offline):
+    """Completions `logprobs` and chat `logprobs` + `top_logprobs`, streamed and not, carry the offline
+    engine's log-probabilities for each token, as JSON numbers."""
+    n, top = 8, 3
+    want = logprobs_reference(offline, PROMPT, n, top)
+    extra = {"extra_body": {"ignore_eos": True}}
+
+    c = client.completions.create(model="tidal", prompt=PROMPT, max_tokens=n, logprobs=top, **extra)
+    lp = c.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in want], abs=1e-5)
+    assert lp.tokens == [offline.decode([e.token_id]) for e in want]
+    assert all(len(alternatives) >= 1 for alternatives in lp.top_logprobs)  # texts of byte tokens may coincide
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    chunks = list(client.completions.create(model="tidal", prompt=PROMPT, max_tokens=n, logprobs=top, stream=True,
+                                            **extra))
+    assert [v for ch in chunks for v in ch.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert [o for ch in chunks for o in ch.choices[0].logprobs.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat_want = logprobs_reference(offline, "user: hi\nassistant:", n, top)
+    r = client.chat.completions.create(model="tidal", messages=messages, max_tokens=n, logprobs=True, top_logprobs=top,
+                                       **extra)
+    content = r.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_want], abs=1e-5)
+    for got, ref in zip(content, chat_want, strict=True):
+        assert [a.logprob for a in got.top_logprobs] == pytest.approx([v for _, v in ref.top], abs=1e-5)
+        assert got.bytes == list(got.token.encode())
+    chunks = list(client.chat.completions.create(model="tidal", messages=messages, max_tokens=n, logprobs=True,
+                                                 top_logprobs=top, stream=True, **extra))
+    streamed = [e.logprob for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert streamed == [e.logprob for e in content]
+    plain = client.chat.completions.create(model="tidal", messages=messages, max_tokens=n, **extra)
+    assert plain.choices[0].logprobs is None
+
+
+def test_grpc_logprobs_are_the_engines(server, offline):
+    n, top = 8, 2
+    want = logprobs_reference(offline, PROMPT, n, top)
+    req = request(PROMPT, n)
+    req.sampling.logprobs = top
+    r = server.gen.Generate(req, metadata=MD, timeout=60)
+    assert [e.token_id for e in r.logprobs] == list(r.token_ids) == [e.token_id for e in want]
+    assert [e.logprob for e in r.logprobs] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    assert [[t.token_id for t in e.top] for e in r.logprobs] == [[i for i, _ in e.top] for e in want]
+    msgs = list(server.gen.GenerateStream(req, metadata=MD, timeout=60))
+    assert [e.logprob for m in msgs for e in m.logprobs] == [e.logprob for e in r.logprobs]
+    assert all(len(m.logprobs) == len(m.token_ids) for m in msgs)
+    assert not server.gen.Generate(request(PROMPT, n), metadata=MD, timeout=60).logprobs
+
+
+def test_penalties_through_openai_and_grpc_are_the_engines(client, server, offline):
+    """presence_penalty and frequency_penalty (OpenAI), repetition_penalty (vLLM's extra; gRPC fields too)
+    give what the offline engine gives with them, which differs from the unpenalised answer."""
+    n, penalties = 16, dict(presence_penalty=0.6, frequency_penalty=0.5, repetition_penalty=1.4)
+    want = offline.generate([PROMPT], SamplingParams(max_tokens=n, ignore_eos=True, **penalties))[0]
+    assert want.output_token_ids != reference(offline, PROMPT, n).output_token_ids
+    c = client.completions.create(model="tidal", prompt=PROMPT, max_tokens=n, presence_penalty=0.6,
+                                  frequency_penalty=0.5, extra_body={"ignore_eos": True, "repetition_penalty": 1.4})
+    assert c.choices[0].text == offline.decode(want.output_token_ids)
+    req = request(PROMPT, n)
+    for name, value in penalties.items():
+        setattr(req.sampling, name, value)
+    assert list(server.gen.Generate(req, metadata=MD, timeout=60).token_ids) == want.output_token_ids
+
+
 def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server, client, offline):
     """A prompt that repeats another's first two KV blocks (32 byte tokens) starts from them: the tokens are
     offline generation's, usage reports the 32 cached tokens on both doors, and /metrics counts the hits."""
@@ -498,6 +568,8 @@ BAD_GRPC = [
     ("bad top_p", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, top_p=0.0)), "top_p"),
     ("five stop strings", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, stop=["a"] * 5)),
      "stop: Tuple should have at most 4"),
+    ("logprobs over 20", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, logprobs=21)),
+     "logprobs: Input should be less than or equal to 20"),
     ("max_tokens over the limit", request(PROMPT, LONG + 1), "max_tokens_limit"),
     # the byte tokenizer's longest entry is '<mask>': 2 x 4096 x 6 characters can still fit, more cannot
     ("prompt too long to tokenize", request("x" * 60_000, 4), "characters"),
@@ -536,10 +608,18 @@ BAD_HTTP = [
     ("prompt too long to tokenize", {"prompt": "x" * 60_000}, "characters"),
     ("unknown field", {"prompt": PROMPT, "temprature": 0.5}, "temprature: Extra inputs are not permitted"),
     ("five stop strings", {"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop: Tuple should have at most 4"),
+    ("logprobs over 20", {"prompt": PROMPT, "logprobs": 21}, "logprobs: Input should be less than or equal to 20"),
+    ("presence_penalty over 2", {"prompt": PROMPT, "presence_penalty": 2.5}, "presence_penalty: Input should be less"),
+    ("mix_weight with the lossless sampler", {"prompt": PROMPT, "sampler": "lossless", "mix_weight": 0.5},
+     "mix_weight applies to sampler 'mix'"),
+    ("an unknown sampler", {"prompt": PROMPT, "sampler": "fast"}, "sampler: Input should be 'lossless' or 'mix'"),
+    ("mix_weight 0", {"prompt": PROMPT, "mix_weight": 0}, "mix_weight: Input should be greater than 0"),
+    ("repetition_penalty 0", {"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty: Input should be"),
+    ("negative logprobs", {"prompt": PROMPT, "logprobs": -1}, "logprobs: Input should be greater than or equal to 0"),
     ("an empty stop string", {"prompt": PROMPT, "stop": ["a", ""]}, "stop.1: String should have at least 1"),
     ("a stop string too long", {"prompt": PROMPT, "stop": "x" * 1001}, "stop.0: String should have at most 1000"),
-    ("logprobs and a penalty, not supported yet", {"prompt": PROMPT, "logprobs": 2, "presence_penalty": 0.5},
-     "not supported yet: logprobs, presence_penalty"),
+    ("a logit bias and a suffix, not supported yet", {"prompt": PROMPT, "logit_bias": {"5": 1}, "suffix": "x"},
+     "not supported yet: logit_bias, suffix"),
 ]
 
 
@@ -618,6 +698,12 @@ def test_openai_bad_request_error(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert "unknown model" in str(e.value)
+    for asked, message in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs: Input should be less than or equal"),
+                           ({"top_logprobs": 2}, "top_logprobs needs logprobs: true")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tidal", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                           **asked)
+        assert message in str(e.value)
 
 
 # ---- 6. overload: RESOURCE_EXHAUSTED / 429 at once, admitted requests complete -------------------------

@@ -254,6 +254,63 @@ def test_greedy_tidar_equals_transformers_generate(ckpts, family, k, levels, two
     assert_engine_idle(engine)
 
 
+def streamed_logprobs(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[tuple]:
+    """Run prompts together; per request (output tokens, the logprob entries of every step in order, accepted)."""
+    rids = [engine.add_request(p, params) for p in prompts]
+    tokens, entries, accepted = {r: [] for r in rids}, {r: [] for r in rids}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.logprobs is not None and len(out.logprobs) == len(out.new_token_ids)
+            tokens[out.request_id] += out.new_token_ids
+            entries[out.request_id] += out.logprobs
+            if out.finished:
+                accepted[out.request_id] = out.stats.accepted
+    assert_engine_idle(engine)
+    return [(tokens[r], entries[r], accepted[r]) for r in rids]
+
+
+def assert_raw_logprobs(ck: Ckpt, prompt: list[int], tokens: list[int], entries: list, top: int) -> None:
+    """Each entry is the log-softmax of transformers' logits at its position: the chosen token's value and
+    the `top` most likely tokens of that row, in order."""
+    rows = torch.log_softmax(ck.logits(prompt + tokens)[len(prompt) - 1 : -1], dim=-1)
+    for row, t, e in zip(rows, tokens, entries, strict=True):
+        assert e.token_id == t
+        assert math.isclose(e.logprob, float(row[t]), abs_tol=1e-4)
+        values, ids = row.topk(top)
+        assert [i for i, _ in e.top] == ids.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in e.top]), values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_are_the_ar_rows_whether_drafts_are_accepted_or_not(ckpts, family):
+    """Greedy TiDAR reports for each token, also the ones taken as accepted drafts, the log-probabilities of
+    its verify row: what AR mode reports for the same tokens, and transformers' log-softmax at that position."""
+    ck = ckpts[family]
+    prompts, top = [prompt_of(5, 1), prompt_of(9, 2)], 3
+    params = SamplingParams(max_tokens=16, logprobs=top)
+    tidar = streamed_logprobs(engine_for(ck, tidar=static(4, (0, 2, 4))), prompts, params)
+    ar = streamed_logprobs(make_engine(ck, mode="ar", block_size=BLOCK, kv_cache_bytes=1 << 20), prompts, params)
+    assert sum(a for _, _, a in tidar) > 0, "no draft accepted: every token would come from a bonus row"
+    for prompt, (t_tokens, t_entries, _), (a_tokens, a_entries, _) in zip(prompts, tidar, ar, strict=True):
+        assert t_tokens == a_tokens == ck.greedy(prompt, 16)
+        for t, a in zip(t_entries, a_entries, strict=True):
+            assert t.token_id == a.token_id and math.isclose(t.logprob, a.logprob, abs_tol=1e-5)
+            assert [i for i, _ in t.top] == [i for i, _ in a.top]
+        assert_raw_logprobs(ck, prompt, t_tokens, t_entries, top)
+
+
+def test_logprobs_under_sampling_and_logit_mixing_are_the_raw_ar_distribution(ckpts):
+    """At T = 1.3 with top-k 2 and the mix sampler, a token may lie outside what the sampler could pick from a
+    row's AR alone; what is reported is still the raw AR row (before temperature, top-k, mixing), finite."""
+    ck = ckpts["zaya"]
+    engine = engine_for(ck, tidar=static(4, (0, 2, 4), sampler="mix", mix_weight=0.5))
+    params = SamplingParams(max_tokens=16, temperature=1.3, top_k=2, seed=3, logprobs=0)
+    for prompt, (tokens, entries, _) in zip([prompt_of(7, 5)], streamed_logprobs(engine, [prompt_of(7, 5)], params),
+                                            strict=True):
+        assert all(math.isfinite(e.logprob) and e.top == () for e in entries)
+        assert_raw_logprobs(ck, prompt, tokens, entries, 0)
+
+
 def test_seeded_sampled_request_is_the_same_alone_and_in_a_greedy_batch(ckpts):
     """Verification runs batched (one argmax for the greedy requests, the sampled ones per request): a seeded
     T > 0 request must draw exactly the same tokens whether it runs alone or beside greedy requests."""
@@ -319,6 +376,75 @@ def test_a_waiting_prompt_keeps_half_the_step_from_drafting(ckpts):
     engine = engine_for(ck, max_num_batched_tokens=128, tidar=dict(block_size=8, levels=(0, 4, 8), schedule=rules))
     outs = engine.generate([first, late], [SamplingParams(max_tokens=40), SamplingParams(max_tokens=8)])
     assert [o.output_token_ids for o in outs] == [ck.greedy(first, 40), ck.greedy(late, 8)]
+
+
+PENALTIES = dict(presence=0.4, frequency=0.3, repetition=1.5)
+
+
+def penalty_params(penalties: dict) -> dict:
+    """SamplingParams' names for them."""
+    return {f"{name}_penalty": value for name, value in penalties.items()}
+
+
+def penalized_logits(z: list[float], prompt: list[int], output: list[int], presence: float, frequency: float,
+                     repetition: float) -> list[float]:
+    """The penalties from their definitions (vLLM's, which the OpenAI ones follow): a token of the prompt or
+    the output has a positive logit divided by `repetition`, a negative one multiplied; then each output
+    token loses `frequency` per occurrence and `presence` once."""
+    out = []
+    for t, x in enumerate(z):
+        if t in prompt or t in output:
+            x = x / repetition if x > 0 else x * repetition
+        c = output.count(t)
+        out.append(x - frequency * c - presence * (c > 0))
+    return out
+
+
+@torch.no_grad()
+def penalized_greedy(ck: Ckpt, prompt: list[int], n: int, **penalties) -> list[int]:
+    """Greedy decoding under penalties, one transformers forward per token."""
+    out: list[int] = []
+    for _ in range(n):
+        z = penalized_logits(ck.logits(prompt + out)[-1].tolist(), prompt, out, **penalties)
+        out.append(max(range(len(z)), key=z.__getitem__))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tidar_with_penalties_equals_ar_and_the_definition(ckpts, family):
+    """Presence, frequency and repetition penalties applied to every verify row with the counts of the tokens
+    before it (earlier drafts of the block included): TiDAR's greedy tokens are AR's and those of greedy
+    decoding written from the definitions over transformers' logits; the penalties do change the output."""
+    ck = ckpts[family]
+    prompts = [prompt_of(5, 1), prompt_of(9, 2)]
+    params = SamplingParams(max_tokens=16, **penalty_params(PENALTIES))
+    tidar = engine_for(ck, tidar=static(4, (0, 2, 4))).generate(prompts, params)
+    ar = make_engine(ck, mode="ar", block_size=BLOCK, kv_cache_bytes=1 << 20).generate(prompts, params)
+    assert sum(o.stats.accepted for o in tidar) > 0, "no draft accepted: no row would count an earlier draft"
+    changed = 0
+    for prompt, t, a in zip(prompts, tidar, ar, strict=True):
+        want = penalized_greedy(ck, prompt, 16, **PENALTIES)
+        assert t.output_token_ids == a.output_token_ids == want
+        changed += want != ck.greedy(prompt, 16)
+    assert changed, "the penalties never changed a greedy output: the check would be vacuous"
+
+
+def test_per_request_sampler_and_mix_weight(ckpts):
+    """In one batch on a lossless engine: a request asking for the mix sampler at w = 1 is the lossless one
+    (same tokens, same acceptance), one at w = 0.2 accepts more drafts and leaves AR's output; the
+    engine's own setting stays for the rest. mix_weight with sampler lossless is refused."""
+    ck = ckpts["zaya"]
+    engine = engine_for(ck, tidar=static(4, (0, 2, 4)))
+    prompt = prompt_of(7, 3)
+    lossless, w1, mixed = engine.generate([prompt] * 3, [
+        SamplingParams(max_tokens=24), SamplingParams(max_tokens=24, sampler="mix", mix_weight=1.0),
+        SamplingParams(max_tokens=24, mix_weight=0.2)])
+    assert lossless.output_token_ids == w1.output_token_ids == ck.greedy(prompt, 24)
+    assert lossless.stats.accepted == w1.stats.accepted
+    assert mixed.stats.accepted > lossless.stats.accepted and mixed.output_token_ids != lossless.output_token_ids
+    assert_engine_idle(engine)
+    with pytest.raises(ValueError, match="mix_weight applies to sampler 'mix'"):
+        SamplingParams(sampler="lossless", mix_weight=0.5)
 
 
 def test_ar_mode_equals_transformers_and_never_drafts(ckpts):
@@ -682,8 +808,11 @@ def stat_rows(stat_ckpt) -> dict[tuple, torch.Tensor]:
     return rows
 
 
-def exact_sequence_probs(rows: dict, temperature: float, top_p: float) -> dict[tuple, float]:
-    """P(x1 x2 x3 | prompt) = prod_t warp(transformers logits)_t, by enumeration."""
+def exact_sequence_probs(rows: dict, temperature: float, top_p: float, **penalties) -> dict[tuple, float]:
+    """P(x1 x2 x3 | prompt) = prod_t warp(transformers logits, penalised after the prefix)_t, by enumeration."""
+    if penalties:
+        rows = {prefix: torch.tensor(penalized_logits(z.tolist(), STAT_PROMPT, list(prefix), **penalties))
+                for prefix, z in rows.items()}
     w = {prefix: warp(z, temperature, top_p) for prefix, z in rows.items()}
     out = {}
     for x1 in range(STAT_V):
@@ -706,7 +835,7 @@ def draft_model(rows: dict, context: tuple) -> torch.Tensor:
 
 
 def sample_engine(ck: Ckpt, rows: dict | None, n: int, temperature: float, top_p: float, sampler="lossless",
-                  draft_temperature=0.0, seed0=0) -> tuple[dict, int, int]:
+                  draft_temperature=0.0, seed0=0, **penalties) -> tuple[dict, int, int]:
     """n seeded generations of STAT_LEN tokens, all in flight together (K = 2, dense levels, one rule
     for any batch size so every decode step verifies drafts). Returns (sequence counts, drafts
     accepted, drafts offered).
@@ -725,7 +854,7 @@ def sample_engine(ck: Ckpt, rows: dict | None, n: int, temperature: float, top_p
     reqs = []
     for i in range(n):
         rid = engine.add_request(STAT_PROMPT, SamplingParams(max_tokens=STAT_LEN, temperature=temperature, top_p=top_p,
-                                                             seed=seed0 + i, ignore_eos=True))
+                                                             seed=seed0 + i, ignore_eos=True, **penalties))
         reqs.append(engine.requests[rid])
     g = torch.Generator().manual_seed(seed0 + 777)
     final = {}
@@ -781,6 +910,20 @@ def test_lossless_end_to_end_matches_exact_distribution(stat_ckpt, stat_rows, te
     else:
         assert accepted > 0
     assert chi2_pvalue(counts, exact, n) > 1e-3
+
+
+@pytest.mark.parametrize("draft_temperature", [0.0, 1.0], ids=["point-mass", "sampled"])
+def test_lossless_with_penalties_matches_the_exact_penalised_distribution(stat_ckpt, stat_rows, draft_temperature):
+    """At T = 1 with all three penalties, 1500 generations with injected drafts fit the distribution of
+    penalised transformers logits (chi-square p > 0.001), and not the unpenalised one (p < 0.001)."""
+    n, penalties = 1500, dict(presence=0.5, frequency=0.4, repetition=1.6)
+    exact = exact_sequence_probs(stat_rows, 1.0, 1.0, **penalties)
+    counts, accepted, drafted = sample_engine(
+        stat_ckpt, stat_rows, n, 1.0, 1.0, draft_temperature=draft_temperature, seed0=20_000,
+        **penalty_params(penalties))
+    assert 0.1 * drafted < accepted < 0.9 * drafted, (accepted, drafted)
+    assert chi2_pvalue(counts, exact, n) > 1e-3
+    assert chi2_pvalue(counts, exact_sequence_probs(stat_rows, 1.0, 1.0), n) < 1e-3
 
 
 @pytest.mark.parametrize("inject", [True, False], ids=["injected", "natural"])

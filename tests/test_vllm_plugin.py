@@ -199,9 +199,13 @@ def test_stop_tokens_and_eos_like_native(ckpts, engines):
     assert got.stats == native.stats
 
 
-def test_stop_strings_like_native_on_the_shipped_model():
+PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.4, repetition_penalty=1.3)
+
+
+def test_stop_strings_logprobs_and_penalties_like_native_on_the_shipped_model():
     """vLLM runs without a tokenizer here, so the backend matches stop strings itself: the same tokens,
-    finish reason and usage as the native engine, where decoding every prefix of the output says."""
+    finish reason and usage as the native engine, where decoding every prefix of the output says. Logprobs
+    and penalties are vLLM's own, passed through."""
     cfg = EngineConfig(model=str(ROOT / "models" / "zaya-code-tiny"), max_num_batched_tokens=64,
                        kv_cache_bytes=32 << 20, max_num_seqs=8)
     native = LLMEngine(cfg)
@@ -215,6 +219,8 @@ def test_stop_strings_like_native_on_the_shipped_model():
     try:
         got = e.generate([prompt], _greedy(32, stop=stop))[0]
         assert not e.requests
+        logged = e.generate([prompt], _greedy(8, logprobs=3))[0]
+        penalized = e.generate([prompt], _greedy(24, **PENALTIES))[0]
     finally:
         e.shutdown()
     nat = native.generate([prompt], _greedy(32, stop=stop))[0]
@@ -222,6 +228,15 @@ def test_stop_strings_like_native_on_the_shipped_model():
     assert got.finish_reason == nat.finish_reason == "stop"
     assert got.stats.generated_tokens == nat.stats.generated_tokens == want_tokens
     assert native.decode(got.output_token_ids).startswith(want_text)
+    # penalties: vLLM's own, the same rules as ours
+    assert penalized.output_token_ids == native.generate([prompt], _greedy(24, **PENALTIES))[0].output_token_ids
+    assert penalized.output_token_ids != ref.output_token_ids[:24]
+    # logprobs: vLLM's own, the raw distribution, as the native engine reports it
+    want = native.generate([prompt], _greedy(8, logprobs=3))[0]
+    assert logged.output_token_ids == want.output_token_ids
+    for ours, theirs in zip(want.logprobs, logged.logprobs, strict=True):
+        assert ours.token_id == theirs.token_id and abs(ours.logprob - theirs.logprob) < 1e-3
+        assert [i for i, _ in ours.top] == [i for i, _ in theirs.top]
 
 
 def test_bad_requests_fail_like_native(ckpts, engines):

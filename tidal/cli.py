@@ -31,6 +31,15 @@ def auto_mode(model_dir: str | None, mask_token_id: int | None) -> str:
         return "ar"  # the engine reports a missing or broken model dir itself
 
 
+def add_penalties(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presence-penalty", type=float, help="OpenAI's, over output tokens, [-2, 2]")
+    parser.add_argument("--frequency-penalty", type=float, help="OpenAI's, per occurrence in the output, [-2, 2]")
+    parser.add_argument("--repetition-penalty", type=float, help="vLLM's, over prompt and output tokens (1: off)")
+
+
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="Serve and run block-diffusion LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--stop", action="append", help="a stop string (repeat for up to 4); not part of the text")
+    g.add_argument("--logprobs", type=int, help="with --json: each token's logprob and this many alternatives")
+    add_penalties(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--mode", choices=["auto", "ar", "tidar"], default="auto",
                    help="auto (default): tidar when the model names a mask token (and the backend is native), else ar")
@@ -110,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float)
     c.add_argument("--seed", type=int)
     c.add_argument("--stop", action="append", help="a stop string (repeat for up to 4)")
+    c.add_argument("--logprobs", type=int, help="print each token's logprob and this many alternatives (unary)")
+    add_penalties(c)
+    c.add_argument("--sampler", choices=["lossless", "mix"], help="TiDAR's verifier for this request")
+    c.add_argument("--mix-weight", type=float, help="w of the mix sampler for this request (implies it)")
     c.add_argument("--stream", action="store_true", help="print tokens as each decode step commits them")
     c.add_argument("--api-key")
     c.add_argument("--stats", action="store_true", help="print the server's live stats instead")
@@ -207,6 +222,10 @@ def cmd_client(args) -> int:
         if args.seed is not None:
             sampling.seed = args.seed
         sampling.stop.extend(args.stop or ())
+        for name in ("logprobs", "mix_weight", *PENALTIES):
+            if getattr(args, name) is not None:
+                setattr(sampling, name, getattr(args, name))
+        sampling.sampler = args.sampler or ""
         request = pb.GenerateRequest(sampling=sampling, return_text=True)
         if args.prompt_token_ids:
             request.token_ids.ids.extend(args.prompt_token_ids)
@@ -218,7 +237,11 @@ def cmd_client(args) -> int:
                 print(msg.text, end="", flush=True)
             print()
         else:
-            print(stub.Generate(request, metadata=metadata).text)
+            reply = stub.Generate(request, metadata=metadata)
+            print(reply.text)
+            for e in reply.logprobs:
+                alternatives = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in e.top)
+                print(f"{e.token_id}\t{e.logprob:.4f}\t{alternatives}".rstrip())
     except grpc.RpcError as e:
         print(f"tidal: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -235,7 +258,8 @@ def cmd_generate(args) -> int:
     try:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
-                                     stop=tuple(args.stop or ()))
+                                     stop=tuple(args.stop or ()), logprobs=args.logprobs,
+                                     **{name: getattr(args, name) for name in PENALTIES})
         tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels,
                                         two_forward=args.two_forward or None,
                                         sampler=args.sampler, mix_weight=args.mix_weight,
@@ -262,7 +286,9 @@ def cmd_generate(args) -> int:
     text = Detokenizer(tokenizer, params.stop).add(out.output_token_ids, final=True) if tokenizer is not None else ""
     if args.json:
         print(json.dumps({"text": text, "token_ids": out.output_token_ids, "prompt_token_ids": out.prompt_token_ids,
-                          "finish_reason": out.finish_reason, "stats": out.stats.as_dict()}))
+                          "finish_reason": out.finish_reason, "stats": out.stats.as_dict(),
+                          **({"logprobs": [{"token_id": e.token_id, "logprob": e.logprob, "top": e.top}
+                                           for e in out.logprobs]} if out.logprobs is not None else {})}))
     else:
         print(text if tokenizer is not None else " ".join(map(str, out.output_token_ids)))
         s = out.stats

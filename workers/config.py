@@ -22,6 +22,7 @@ def describe(err: ValidationError) -> str:
 
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000  # per stop string: holding back a partial match costs its length squared
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
 class SamplingParams(BaseModel):
@@ -38,6 +39,19 @@ class SamplingParams(BaseModel):
     stop: tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...] = Field(
         (), max_length=MAX_STOPS, description="stop strings: the text ends where the first one begins")
     ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="report each token's log-probability and this many alternatives")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted once from tokens of the output")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per occurrence in the output")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages tokens of prompt and output")
+    sampler: Literal["lossless", "mix"] | None = Field(None, description="TiDAR's verifier for this request")
+    mix_weight: float | None = Field(None, gt=0.0, le=1.0, description="w of the mix sampler; implies it")
+
+    @model_validator(mode="after")
+    def _mix_weight_needs_mix(self) -> SamplingParams:
+        if self.mix_weight is not None and self.sampler == "lossless":
+            raise ValueError("mix_weight applies to sampler 'mix', not 'lossless'")
+        return self
 
     @classmethod
     def make(cls, **kwargs) -> SamplingParams:
@@ -50,6 +64,10 @@ class SamplingParams(BaseModel):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 class DraftRule(BaseModel):

@@ -30,6 +30,7 @@ from workers.request import (
     RequestOutput,
     RequestTimes,
     StepRecord,
+    TokenLogprob,
     generate_all,
     prompt_token_ids,
     stop_watcher,
@@ -187,7 +188,7 @@ class LLMEngine:
                 continue
             self.blocks.trim(req, req.num_computed_tokens)  # KV rollback of the rejected drafts
             self.blocks.cache_committed(req)  # only now: verified tokens alone are named
-            out = self._append(req, o.tokens)
+            out = self._append(req, o.tokens, o.logprobs)
             out.step = StepRecord(o.drafted, o.accepted, o.level, len(out.new_token_ids), len(batch))
             outputs.append(out)
             if req.finished:
@@ -221,7 +222,7 @@ class LLMEngine:
         rows, spans, row = [], {}, 0
         for s, lay in zip(batch, layouts, strict=True):
             verify = len(lay.logit_rows) - lay.num_draft_rows
-            if s.samples and s.request.params.greedy:
+            if s.samples and s.request.params.greedy and not s.request.params.penalized:  # penalties move the argmax
                 spans[s.request.request_id] = (len(rows), len(rows) + verify)
                 rows.extend(range(row, row + verify))
             row += len(lay.logit_rows)
@@ -260,8 +261,8 @@ class LLMEngine:
             req.stats.forwards += 1
         tidar.set_drafts(proposals, self.runner.draft_chain, self.config.tidar)
 
-    def _append(self, req: Request, tokens: list[int]) -> RequestOutput:
-        """Add tokens up to the first stop condition; finish the request there."""
+    def _append(self, req: Request, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """Add tokens (and their logprobs) up to the first stop condition; finish the request there."""
         p = req.params
         kept, reason = [], None
         for t in tokens:
@@ -282,7 +283,9 @@ class LLMEngine:
         if reason:
             self.scheduler.finish(req, reason)
             self.requests.pop(req.request_id, None)
-        return self.output_of(req, kept)
+        out = self.output_of(req, kept)
+        out.logprobs = logprobs[: len(kept)] if logprobs is not None else None
+        return out
 
     def output_of(self, req: Request, new_tokens: list[int]) -> RequestOutput:
         times = RequestTimes(req.arrival_time, req.first_scheduled_time, req.first_token_time)

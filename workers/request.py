@@ -43,7 +43,8 @@ def stop_watcher(params: SamplingParams, tokenizer) -> Detokenizer | None:
 def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None
                  ) -> list[RequestOutput]:
     """`generate` of every engine backend (add_request / abort / step): run prompts to completion together,
-    results in prompt order. All or nothing: an invalid prompt aborts the ones already added and raises."""
+    results in prompt order, each with the logprobs of its whole output when asked. All or nothing: an invalid
+    prompt aborts the ones already added and raises."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     ids: list[str] = []
     try:
@@ -54,10 +55,14 @@ def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams 
             engine.abort(i)
         raise
     final: dict[str, RequestOutput] = {}
+    logprobs: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
     while len(final) < len(ids):
         for out in engine.step():
+            logprobs[out.request_id] += out.logprobs or ()
             if out.finished:
                 final[out.request_id] = out
+                if out.logprobs is not None:
+                    out.logprobs = logprobs[out.request_id]
     return [final[i] for i in ids]
 
 
@@ -184,6 +189,16 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability under the model's raw AR distribution (its verify row before
+    temperature, top-k / top-p or logit mixing), and the row's most likely tokens."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
+@dataclass(frozen=True)
 class StepRecord:
     """One decode step of one request, as metrics and traces see it."""
 
@@ -208,3 +223,4 @@ class RequestOutput:
     error: str | None = None
     step: StepRecord | None = None  # this decode step's drafts and acceptance (None: a prefill chunk)
     times: RequestTimes | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when params.logprobs is set

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from workers.config import SamplingParams
+from workers.request import TokenLogprob
 
 
 def make_generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -100,3 +101,42 @@ def verify(
             residual = p[i]
         return i, int(sample_rows((residual / residual.sum())[None], generator)[0])
     return k, int(sample_rows(p[k : k + 1], generator)[0])
+
+
+def token_logprobs(rows: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """rows: [len(tokens), V] the raw AR rows that chose `tokens` (verify row i chose token i). Log-probs of
+    the raw distribution, as vLLM reports by default: whatever the sampler then did with the row."""
+    lp = torch.log_softmax(rows.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(t, c) for t, c in zip(tokens, chosen, strict=True)]
+    values, ids = lp.topk(top, dim=-1)
+    return [TokenLogprob(t, c, tuple(zip(i, v, strict=True)))
+            for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist(), strict=True)]
+
+
+def penalize(
+    rows: torch.Tensor,  # [n, V] one request's verify rows: row i picks the token after output + drafts[:i]
+    params: SamplingParams,
+    prompt: list[int],
+    output: list[int],
+    drafts: list[int],
+) -> torch.Tensor:
+    """The rows with vLLM's penalties, each row counting the tokens before it (the drafts it verifies after
+    included), so verification stays exact for the penalised distribution: repetition_penalty over tokens
+    of the prompt or the output (positive logits divided by it, negative ones multiplied), then
+    frequency_penalty times each token's count in the output and presence_penalty once per token seen."""
+    n, vocab = rows.shape
+    dev = rows.device
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=dev), minlength=vocab).float()
+    counts = counts.expand(n, vocab)
+    if n > 1:  # row i also counts drafts[:i]
+        steps = torch.nn.functional.one_hot(torch.tensor(drafts[: n - 1], device=dev), vocab).cumsum(0).float()
+        counts = counts + torch.cat([torch.zeros(1, vocab, device=dev), steps])
+    z = rows.float()
+    if params.repetition_penalty != 1.0:
+        in_prompt = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        in_prompt[torch.tensor(prompt, dtype=torch.long, device=dev)] = True
+        r = params.repetition_penalty
+        z = torch.where((counts > 0) | in_prompt, torch.where(z > 0, z / r, z * r), z)
+    return z - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.config import TidarConfig
+from workers.config import SamplingParams, TidarConfig
 from workers.draft_chain import DraftChain, DraftInput, walk
 from workers.layout import StepLayout
 from workers.masks import step_layout
-from workers.sampler import verify
+from workers.request import TokenLogprob
+from workers.sampler import penalize, token_logprobs, verify
 from workers.scheduler import Scheduled
 
 # Checkpoint attributes that may name the mask token, in the order Zyphra's vLLM fork reads them.
@@ -70,6 +71,15 @@ class Outcome:
     accepted: int = 0
     level: int | None = None  # proposal level chosen for the next drafts
     proposal: DraftInput | None = None  # the kept slots of that level's block, for `set_drafts`
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asks for them
+
+
+def mix_weight(params: SamplingParams, cfg: TidarConfig) -> float:
+    """w of the logit-mixing sampler for this request (1: lossless): its own choice, else the engine's."""
+    sampler = params.sampler or ("mix" if params.mix_weight is not None else cfg.sampler)
+    if sampler == "lossless":
+        return 1.0
+    return params.mix_weight if params.mix_weight is not None else cfg.mix_weight
 
 
 def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[int] | None = None) -> Outcome:
@@ -78,8 +88,11 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
     req, k = s.request, s.num_drafts
     drafts = req.drafts[:k]
     d_logits = req.draft_logits[:k] if req.draft_logits is not None else None
-    n, token = verify(logits[: k + 1], drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
-                      cfg.mix_weight if cfg.sampler == "mix" else 1.0, argmax[: k + 1] if argmax else None)
+    rows = logits[: k + 1]
+    if req.params.penalized:
+        rows = penalize(rows, req.params, req.prompt_token_ids, req.output_token_ids, drafts)
+    n, token = verify(rows, drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
+                      mix_weight(req.params, cfg), argmax[: k + 1] if argmax else None)
     level, proposal = None, None
     req.drafts, req.draft_logits = [], None
     if s.levels:
@@ -91,7 +104,9 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
         b = req.num_computed_tokens + s.num_tokens - 1
         proposal = DraftInput(block[n - level + 1 :][: s.block_len - 1], token, b + n + 2, req.generator)
     req.stats.record_verify(k, n, level)
-    return Outcome(drafts[:n] + [token], s.num_tokens - 1 + n, k, n, level, proposal)
+    tokens = drafts[:n] + [token]
+    logprobs = token_logprobs(logits[: n + 1], tokens, req.params.logprobs) if req.params.logprobs is not None else None
+    return Outcome(tokens, s.num_tokens - 1 + n, k, n, level, proposal, logprobs)
 
 
 def set_drafts(batch: list[tuple[Scheduled, DraftInput]], chain: DraftChain | None, cfg: TidarConfig) -> None:

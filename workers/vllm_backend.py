@@ -28,6 +28,7 @@ from workers.request import (
     RequestStats,
     RequestTimes,
     StepRecord,
+    TokenLogprob,
     generate_all,
     prompt_token_ids,
     stop_watcher,
@@ -70,6 +71,16 @@ def check_supported(config: EngineConfig, hf_cfg, on_cpu: bool) -> None:
         if _head_dim(hf_cfg) not in sizes:
             raise EngineStartError(f"head_dim {_head_dim(hf_cfg)} is not supported by vLLM's CPU attention "
                                  f"(supported: {sizes}); use backend 'native' for this model")
+
+
+def _token_logprobs(positions, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """vLLM's per-token {token id: Logprob} (the top k by rank, and the chosen token with its own rank) as
+    ours; vLLM reports the raw model distribution by default (logprobs_mode raw_logprobs), as we do."""
+    out = []
+    for t, ranked in zip(tokens, positions, strict=False):  # fewer tokens where a stop string cut them
+        top = sorted((lp.rank, i, lp.logprob) for i, lp in ranked.items() if lp.rank <= k)
+        out.append(TokenLogprob(t, ranked[t].logprob, tuple((i, v) for _, i, v in top)))
+    return out
 
 
 class _RequestState:
@@ -177,6 +188,10 @@ class VllmEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         from vllm.inputs import TokensPrompt
 
+        if self.config.mode == "tidar" and (params.logprobs is not None or params.penalized or params.sampler
+                                            or params.mix_weight is not None):
+            raise InvalidRequest("logprobs, penalties and per-request samplers are not supported with TiDAR on the "
+                                 "vllm backend (its verifier is ours, not vLLM's sampler); use the native backend")
         state = _RequestState(request_id, ids, params, self.tokenizer)
         try:
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids), self._vllm_params(params))
@@ -196,7 +211,9 @@ class VllmEngine:
             temperature, seed = 1.0, None
         return VllmSamplingParams(
             n=1, max_tokens=p.max_tokens, temperature=temperature, top_k=p.top_k, top_p=p.top_p, seed=seed,
-            stop_token_ids=stop, ignore_eos=True, detokenize=False, output_kind=RequestOutputKind.DELTA)
+            stop_token_ids=stop, ignore_eos=True, detokenize=False, output_kind=RequestOutputKind.DELTA,
+            logprobs=p.logprobs, presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty)
 
     def abort(self, request_id: str) -> None:
         if self.requests.pop(request_id, None) is not None:
@@ -250,9 +267,12 @@ class VllmEngine:
                 self.requests.pop(o.request_id, None)
             if not new and not finished:
                 continue
+            logprobs = None
+            if st.params.logprobs is not None and comp is not None:
+                logprobs = _token_logprobs(comp.logprobs, new, st.params.logprobs)
             out = RequestOutput(o.request_id, new, finished, reason, st.prompt_token_ids,
                                 list(st.output_token_ids), st.stats.totals() if finished else None,
-                                times=RequestTimes(st.arrival_time, None, st.first_token_time))
+                                times=RequestTimes(st.arrival_time, None, st.first_token_time), logprobs=logprobs)
             out.step = StepRecord(drafted, accepted, None, len(new), batch)
             results.append(out)
         return results
