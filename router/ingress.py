@@ -222,6 +222,9 @@ class Ingress:
                                                         "logprobs", "presence_penalty", "frequency_penalty",
                                                         "repetition_penalty", "mix_weight") if s.HasField(name)}
         sampling["sampler"] = s.sampler or None
+        if s.HasField("structured"):
+            kind = s.structured.WhichOneof("kind")
+            sampling["structured"] = {kind: getattr(s.structured, kind)} if kind else {}
         sampling.update(stop_token_ids=tuple(s.stop_token_ids), stop=tuple(s.stop), ignore_eos=s.ignore_eos)
         prompt = request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         return self._request(prompt, sampling, request.model or None, request.request_id, stream)

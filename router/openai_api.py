@@ -6,6 +6,7 @@ request (forwards, drafted, accepted, mean_acceptance_length, acceptance_by_posi
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.config import MAX_LOGPROBS
+from workers.config import MAX_LOGPROBS, InvalidRequest
 from workers.request import RequestTotals, TokenLogprob
 
 # OpenAI request fields accepted and ignored: they ask nothing of the answer.
@@ -23,7 +24,6 @@ IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_ca
 # 400 naming the field, never silently ignored (every other unknown field is refused too).
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "echo": (None, False),
@@ -36,6 +36,38 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = Field(False, description="usage rides on the last chunk whether or not this is set")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's extra for grammars beyond response_format: one of a JSON schema, a regex, a Lark grammar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict | None = Field(None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
 
 
 class _Request(BaseModel):
@@ -59,6 +91,8 @@ class _Request(BaseModel):
     sampler: Literal["lossless", "mix"] | None = None  # Tidal's extra: TiDAR's verifier for this request
     mix_weight: float | None = None  # Tidal's extra: w of the mix sampler (implies it)
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -78,7 +112,21 @@ class _Request(BaseModel):
                 "stop_token_ids": tuple(self.stop_token_ids or ()), "ignore_eos": self.ignore_eos,
                 "logprobs": self.alternatives(), "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "sampler": self.sampler, "mix_weight": self.mix_weight}
+                "sampler": self.sampler, "mix_weight": self.mix_weight, "structured": self.structured()}
+
+    def structured(self) -> dict | None:
+        """The grammar asked for, as SamplingParams.structured takes it (None: free text)."""
+        fmt, extra = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.type != "text" and extra is not None:
+            raise InvalidRequest("give response_format or structured_outputs, not both")
+        if fmt is not None and fmt.type == "json_object":
+            return {"json_schema": json.dumps({"type": "object"})}
+        if fmt is not None and fmt.type == "json_schema":
+            return {"json_schema": json.dumps(fmt.json_schema.json_schema)}
+        if extra is None:
+            return None
+        return {"json_schema": None if extra.json_schema is None else json.dumps(extra.json_schema),
+                "regex": extra.regex, "grammar": extra.grammar}
 
     def alternatives(self) -> int | None:
         """None: no logprobs; k: each token's logprob and its k most likely alternatives."""

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from proto import tidal_pb2 as pb  # noqa: E402
 from proto import tidal_pb2_grpc as pbg  # noqa: E402
-from workers.config import EngineConfig, SamplingParams  # noqa: E402
+from workers.config import EngineConfig, SamplingParams, StructuredOutput  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -431,6 +431,37 @@ def test_penalties_through_openai_and_grpc_are_the_engines(client, server, offli
     assert list(server.gen.Generate(req, metadata=MD, timeout=60).token_ids) == want.output_token_ids
 
 
+DIGIT = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+         "additionalProperties": False}
+
+
+def test_structured_output_through_openai_and_grpc(client, server, offline):
+    """response_format json_schema / json_object and the structured_outputs regex (HTTP), and the gRPC
+    StructuredOutput, give what the offline engine gives under the same grammar; the answers parse."""
+    def offline_text(**shape) -> str:
+        params = SamplingParams(max_tokens=64, structured=StructuredOutput(**shape))
+        out = offline.generate([PROMPT], params)[0]
+        assert out.finish_reason == "stop"
+        return offline.decode(out.output_token_ids)
+
+    want = offline_text(json_schema=json.dumps(DIGIT))
+    assert set(json.loads(want)) == {"n"}
+    fmt = {"type": "json_schema", "json_schema": {"name": "digit", "schema": DIGIT, "strict": True}}
+    c = client.completions.create(model="tidal", prompt=PROMPT, max_tokens=64, extra_body={"response_format": fmt})
+    assert (c.choices[0].text, c.choices[0].finish_reason) == (want, "stop")
+    r = client.chat.completions.create(model="tidal", messages=[{"role": "user", "content": "hi"}], max_tokens=64,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    chunks = list(client.completions.create(model="tidal", prompt=PROMPT, max_tokens=64, stream=True,
+                                            extra_body={"structured_outputs": {"regex": "[ab]{3}x"}}))
+    assert "".join(ch.choices[0].text for ch in chunks) == offline_text(regex="[ab]{3}x")
+
+    req = request(PROMPT, 64, return_text=True)
+    req.sampling.ignore_eos = False
+    req.sampling.structured.json_schema = json.dumps(DIGIT)
+    assert server.gen.Generate(req, metadata=MD, timeout=60).text == want
+
+
 def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server, client, offline):
     """A prompt that repeats another's first two KV blocks (32 byte tokens) starts from them: the tokens are
     offline generation's, usage reports the 32 cached tokens on both doors, and /metrics counts the hits."""
@@ -570,6 +601,8 @@ BAD_GRPC = [
      "stop: Tuple should have at most 4"),
     ("logprobs over 20", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=4, logprobs=21)),
      "logprobs: Input should be less than or equal to 20"),
+    ("a schema that does not compile", pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(
+        max_tokens=4, structured=pb.StructuredOutput(json_schema='{"type": 7}'))), "invalid structured output"),
     ("max_tokens over the limit", request(PROMPT, LONG + 1), "max_tokens_limit"),
     # the byte tokenizer's longest entry is '<mask>': 2 x 4096 x 6 characters can still fit, more cannot
     ("prompt too long to tokenize", request("x" * 60_000, 4), "characters"),
@@ -614,6 +647,12 @@ BAD_HTTP = [
      "mix_weight applies to sampler 'mix'"),
     ("an unknown sampler", {"prompt": PROMPT, "sampler": "fast"}, "sampler: Input should be 'lossless' or 'mix'"),
     ("mix_weight 0", {"prompt": PROMPT, "mix_weight": 0}, "mix_weight: Input should be greater than 0"),
+    ("a regex that does not compile", {"prompt": PROMPT, "structured_outputs": {"regex": "["}},
+     "invalid structured output"),
+    ("json_schema without its schema", {"prompt": PROMPT, "response_format": {"type": "json_schema"}},
+     "json_schema is required"),
+    ("two grammars", {"prompt": PROMPT, "response_format": {"type": "json_object"},
+                      "structured_outputs": {"regex": "a"}}, "not both"),
     ("repetition_penalty 0", {"prompt": PROMPT, "repetition_penalty": 0}, "repetition_penalty: Input should be"),
     ("negative logprobs", {"prompt": PROMPT, "logprobs": -1}, "logprobs: Input should be greater than or equal to 0"),
     ("an empty stop string", {"prompt": PROMPT, "stop": ["a", ""]}, "stop.1: String should have at least 1"),

@@ -42,7 +42,7 @@ from conftest import (  # noqa: E402
 )
 
 from workers.backends import EngineStartError, create_engine  # noqa: E402
-from workers.config import EngineConfig, InvalidRequest, SamplingParams  # noqa: E402
+from workers.config import EngineConfig, InvalidRequest, SamplingParams, StructuredOutput  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 from workers.vllm_backend import VllmEngine  # noqa: E402
 from workers.vllm_plugin import ARCHITECTURES, VLLM_VERSION  # noqa: E402
@@ -205,7 +205,7 @@ PENALTIES = dict(presence_penalty=0.5, frequency_penalty=0.4, repetition_penalty
 def test_stop_strings_logprobs_and_penalties_like_native_on_the_shipped_model():
     """vLLM runs without a tokenizer here, so the backend matches stop strings itself: the same tokens,
     finish reason and usage as the native engine, where decoding every prefix of the output says. Logprobs
-    and penalties are vLLM's own, passed through."""
+    and penalties are vLLM's own, passed through; structured output is refused with a message."""
     cfg = EngineConfig(model=str(ROOT / "models" / "zaya-code-tiny"), max_num_batched_tokens=64,
                        kv_cache_bytes=32 << 20, max_num_seqs=8)
     native = LLMEngine(cfg)
@@ -221,6 +221,9 @@ def test_stop_strings_logprobs_and_penalties_like_native_on_the_shipped_model():
         assert not e.requests
         logged = e.generate([prompt], _greedy(8, logprobs=3))[0]
         penalized = e.generate([prompt], _greedy(24, **PENALTIES))[0]
+        with pytest.raises(InvalidRequest, match="structured output is not supported with the vllm backend"):
+            e.add_request(prompt, _greedy(4, structured=StructuredOutput(regex="a+")))
+        assert not e.requests
     finally:
         e.shutdown()
     nat = native.generate([prompt], _greedy(32, stop=stop))[0]

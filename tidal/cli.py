@@ -32,9 +32,23 @@ def auto_mode(model_dir: str | None, mask_token_id: int | None) -> str:
 
 
 def add_penalties(parser: argparse.ArgumentParser) -> None:
+    """The per-request sampling options `generate` and `client` share: penalties and structured output."""
     parser.add_argument("--presence-penalty", type=float, help="OpenAI's, over output tokens, [-2, 2]")
     parser.add_argument("--frequency-penalty", type=float, help="OpenAI's, per occurrence in the output, [-2, 2]")
     parser.add_argument("--repetition-penalty", type=float, help="vLLM's, over prompt and output tokens (1: off)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", help="the output follows this JSON schema (JSON text, or @file)")
+    shape.add_argument("--regex", help="the output matches this regular expression")
+    shape.add_argument("--grammar", help="the output follows this Lark grammar (text, or @file)")
+
+
+def structured(args) -> dict | None:
+    """--json-schema / --regex / --grammar as SamplingParams.structured takes them."""
+    for name in ("json_schema", "regex", "grammar"):
+        value = getattr(args, name)
+        if value is not None:
+            return {name: Path(value[1:]).read_text() if value.startswith("@") and name != "regex" else value}
+    return None
 
 
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -226,6 +240,8 @@ def cmd_client(args) -> int:
             if getattr(args, name) is not None:
                 setattr(sampling, name, getattr(args, name))
         sampling.sampler = args.sampler or ""
+        if (shape := structured(args)) is not None:
+            sampling.structured.CopyFrom(pb.StructuredOutput(**shape))
         request = pb.GenerateRequest(sampling=sampling, return_text=True)
         if args.prompt_token_ids:
             request.token_ids.ids.extend(args.prompt_token_ids)
@@ -259,7 +275,7 @@ def cmd_generate(args) -> int:
         params = SamplingParams.make(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                      top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
                                      stop=tuple(args.stop or ()), logprobs=args.logprobs,
-                                     **{name: getattr(args, name) for name in PENALTIES})
+                                     structured=structured(args), **{name: getattr(args, name) for name in PENALTIES})
         tidar = {k: v for k, v in dict(block_size=args.block_size, levels=args.levels,
                                         two_forward=args.two_forward or None,
                                         sampler=args.sampler, mix_weight=args.mix_weight,

@@ -25,6 +25,23 @@ MAX_STOP_CHARS = 1000  # per stop string: holding back a partial match costs its
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 
+class StructuredOutput(BaseModel):
+    """The grammar a request's output must follow: exactly one of a JSON schema (as JSON text), a regular
+    expression, or a Lark grammar (workers/grammar.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        if sum(x is not None for x in (self.json_schema, self.regex, self.grammar)) != 1:
+            raise ValueError("give exactly one of json_schema, regex, grammar")
+        return self
+
+
 class SamplingParams(BaseModel):
     """How to pick tokens for one request. temperature 0 means greedy."""
 
@@ -46,6 +63,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages tokens of prompt and output")
     sampler: Literal["lossless", "mix"] | None = Field(None, description="TiDAR's verifier for this request")
     mix_weight: float | None = Field(None, gt=0.0, le=1.0, description="w of the mix sampler; implies it")
+    structured: StructuredOutput | None = Field(None, description="a grammar the output must follow")
 
     @model_validator(mode="after")
     def _mix_weight_needs_mix(self) -> SamplingParams:

@@ -21,6 +21,7 @@ from workers.block_manager import BlockManager
 from workers.config import EngineConfig, InvalidRequest, SamplingParams
 from workers.draft_chain import DraftInput
 from workers.draft_policy import make_policy
+from workers.grammar import GrammarCompiler, RequestGrammar
 from workers.layout import StepLayout
 from workers.loader import load_hf_config, load_tokenizer
 from workers.model_runner import DTYPES, ModelRunner, RunnerFailure, head_dim_of
@@ -68,6 +69,7 @@ class LLMEngine:
         self.hf_config = load_hf_config(config.model)
         self.tokenizer = load_tokenizer(config.model)
         self.eos_token_ids = eos_token_ids(config.model, self.hf_config)
+        self.grammars: GrammarCompiler | None = None  # built at the first request with structured output
         self.vocab_size = self.hf_config.vocab_size
 
         c = self.hf_config
@@ -128,10 +130,19 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params, next(self._arrivals),
                       generator=make_generator(params, self.config.device),
-                      stop_strings=stop_watcher(params, self.tokenizer))
+                      stop_strings=stop_watcher(params, self.tokenizer), grammar=self._grammar(params))
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
+
+    def _grammar(self, params: SamplingParams) -> RequestGrammar | None:
+        if params.structured is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequest("structured output needs the model's tokenizer.json")
+        if self.grammars is None:
+            self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+        return self.grammars.compile(params.structured)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -222,7 +233,8 @@ class LLMEngine:
         rows, spans, row = [], {}, 0
         for s, lay in zip(batch, layouts, strict=True):
             verify = len(lay.logit_rows) - lay.num_draft_rows
-            if s.samples and s.request.params.greedy and not s.request.params.penalized:  # penalties move the argmax
+            p = s.request.params
+            if s.samples and p.greedy and not p.penalized and p.structured is None:  # those move the argmax
                 spans[s.request.request_id] = (len(rows), len(rows) + verify)
                 rows.extend(range(row, row + verify))
             row += len(lay.logit_rows)
@@ -268,7 +280,8 @@ class LLMEngine:
         for t in tokens:
             kept.append(t)
             if (t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_token_ids)
-                    or (req.stop_strings is not None and req.stop_strings.feed(t))):
+                    or (req.stop_strings is not None and req.stop_strings.feed(t))
+                    or (req.grammar is not None and req.grammar.complete_after(t))):
                 reason = "stop"
             elif (len(req.output_token_ids) + len(kept) >= p.max_tokens
                   or req.num_tokens + len(kept) >= self.max_model_len):

@@ -10,6 +10,7 @@ import torch
 
 from workers.config import InvalidRequest, SamplingParams
 from workers.detokenizer import Detokenizer
+from workers.grammar import RequestGrammar
 
 
 def prompt_token_ids(prompt: str | list[int], tokenizer, vocab_size: int, max_model_len: int) -> list[int]:
@@ -174,6 +175,7 @@ class Request:
     num_named_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     restore_state_from: int | None = None  # cached block whose recurrent-state snapshot it resumes from
     stop_strings: Detokenizer | None = None  # watches the output's text when params.stop is set
+    grammar: RequestGrammar | None = None  # the output's grammar state when params.structured is set
 
     @property
     def all_token_ids(self) -> list[int]:

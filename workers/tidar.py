@@ -86,11 +86,17 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
     """logits: this request's rows of the forward: [k + 1 verify rows, then len(levels) * block_len];
     argmax: their argmax, when the engine took it for the whole batch at once (greedy requests)."""
     req, k = s.request, s.num_drafts
-    drafts = req.drafts[:k]
-    d_logits = req.draft_logits[:k] if req.draft_logits is not None else None
-    rows = logits[: k + 1]
+    offered = k  # drafts verified: fewer when the grammar refuses one
+    allowed = None
+    if req.grammar is not None:
+        allowed, offered = req.grammar.row_masks(req.drafts[:k])
+    drafts = req.drafts[:offered]
+    d_logits = req.draft_logits[:offered] if req.draft_logits is not None else None
+    rows = logits[: offered + 1]
     if req.params.penalized:
         rows = penalize(rows, req.params, req.prompt_token_ids, req.output_token_ids, drafts)
+    if allowed is not None:  # a row after the grammar's end allows nothing: its token is never kept
+        rows = rows.float().masked_fill(~allowed & allowed.any(dim=-1, keepdim=True), float("-inf"))
     n, token = verify(rows, drafts, d_logits, req.params, req.generator, cfg.draft_temperature,
                       mix_weight(req.params, cfg), argmax[: k + 1] if argmax else None)
     level, proposal = None, None
@@ -103,10 +109,10 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
         # b + n + 1, so the slots kept as drafts start at slot n - level + 1, position b + n + 2
         b = req.num_computed_tokens + s.num_tokens - 1
         proposal = DraftInput(block[n - level + 1 :][: s.block_len - 1], token, b + n + 2, req.generator)
-    req.stats.record_verify(k, n, level)
+    req.stats.record_verify(offered, n, level)
     tokens = drafts[:n] + [token]
     logprobs = token_logprobs(logits[: n + 1], tokens, req.params.logprobs) if req.params.logprobs is not None else None
-    return Outcome(tokens, s.num_tokens - 1 + n, k, n, level, proposal, logprobs)
+    return Outcome(tokens, s.num_tokens - 1 + n, offered, n, level, proposal, logprobs)
 
 
 def set_drafts(batch: list[tuple[Scheduled, DraftInput]], chain: DraftChain | None, cfg: TidarConfig) -> None:

@@ -188,6 +188,9 @@ class VllmEngine:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         from vllm.inputs import TokensPrompt
 
+        if params.structured is not None:
+            raise InvalidRequest("structured output is not supported with the vllm backend (vLLM runs without a "
+                                 "tokenizer here, which its grammar backends need); use the native backend")
         if self.config.mode == "tidar" and (params.logprobs is not None or params.penalized or params.sampler
                                             or params.mix_weight is not None):
             raise InvalidRequest("logprobs, penalties and per-request samplers are not supported with TiDAR on the "
