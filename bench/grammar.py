@@ -3,8 +3,9 @@
 1. Grammar libraries on its tokenizer: compile time of a JSON schema and a regex, and the time to compute
    one token mask and to consume one token, walking a valid answer (medians over `--repeats` walks).
    llguidance is what workers/grammar.py uses; xgrammar is measured beside it when installed.
-2. The engine (TiDAR, the default adaptive drafting, one thread) with a JSON-schema grammar vs without, at
-   batch 1 and 8 on held-out code prompts: tokens/s and mean acceptance length, runs interleaved, medians.
+2. The engine (TiDAR, one thread; the default adaptive drafting, and K = 16 drafted at every step) with a
+   JSON-schema grammar vs without, at batch 1 and 8 on held-out code prompts: tokens/s and tokens per
+   forward, runs interleaved, medians.
 
     python -m bench.grammar [--repeats 20] [--engine-runs 3]
 """
@@ -22,7 +23,7 @@ from tokenizers import Tokenizer
 
 from bench.prompts import code_prompts
 from tidal.cli import DEFAULT_MODEL
-from workers.config import EngineConfig, SamplingParams, StructuredOutput
+from workers.config import DraftRule, EngineConfig, SamplingParams, StructuredOutput, TidarConfig
 from workers.engine import LLMEngine
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
@@ -88,23 +89,27 @@ def engine_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
 
 
 def engine_table(runs: int) -> None:
-    engine = LLMEngine(EngineConfig(model=str(DEFAULT_MODEL), mode="tidar"))
-    prompts = code_prompts(engine.tokenizer, 8, 256)
+    always = TidarConfig(schedule=(DraftRule(max_batch=64, block_size=16, levels=(0, 4, 8, 16)),))
+    engines = {"adaptive": LLMEngine(EngineConfig(model=str(DEFAULT_MODEL), mode="tidar")),
+               "K=16, levels 0/4/8/16": LLMEngine(EngineConfig(model=str(DEFAULT_MODEL), mode="tidar", tidar=always))}
+    prompts = code_prompts(engines["adaptive"].tokenizer, 8, 256)
     outline = StructuredOutput(json_schema=json.dumps(OUTLINE))
     variants = {"free text": SamplingParams(max_tokens=96, ignore_eos=True),
                 "JSON schema": SamplingParams(max_tokens=96, structured=outline)}
-    engine_run(engine, prompts[:2], variants["free text"])  # warm-up
-    print("| batch | output | tokens/s | tokens per forward | runs |")
-    print("|---|---|---|---|---|")
-    for batch in (1, 8):
-        results = {name: [] for name in variants}
-        for _ in range(runs):
-            for name, params in variants.items():  # interleaved: the machine's noise hits both alike
-                results[name].append(engine_run(engine, prompts[:batch], params))
-        for name, rs in results.items():
-            rate = statistics.median(r[0] for r in rs)
-            per_forward = statistics.median(r[1] for r in rs)
-            print(f"| {batch} | {name} | {rate:.0f} | {per_forward:.2f} | {runs} |")
+    for engine in engines.values():
+        engine_run(engine, prompts[:2], variants["free text"])  # warm-up
+    print("| drafting | batch | output | tokens/s | tokens per forward | runs |")
+    print("|---|---|---|---|---|---|")
+    for drafting, engine in engines.items():
+        for batch in (1, 8):
+            results = {name: [] for name in variants}
+            for _ in range(runs):
+                for name, params in variants.items():  # interleaved: the machine's noise hits both alike
+                    results[name].append(engine_run(engine, prompts[:batch], params))
+            for name, rs in results.items():
+                rate = statistics.median(r[0] for r in rs)
+                per_forward = statistics.median(r[1] for r in rs)
+                print(f"| {drafting} | {batch} | {name} | {rate:.0f} | {per_forward:.2f} | {runs} |")
 
 
 def main() -> None:
