@@ -59,6 +59,8 @@ def generate_all(engine, prompts: list[str | list[int]], params: SamplingParams 
     logprobs: dict[str, list[TokenLogprob]] = {i: [] for i in ids}
     while len(final) < len(ids):
         for out in engine.step():
+            if out.request_id not in logprobs:
+                continue  # a request someone else added
             logprobs[out.request_id] += out.logprobs or ()
             if out.finished:
                 final[out.request_id] = out
