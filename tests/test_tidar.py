@@ -355,11 +355,12 @@ def test_greedy_equality_under_the_adaptive_policy(ckpts, family, two_forward):
     assert_engine_idle(engine)
 
 
-def test_a_waiting_prompt_keeps_half_the_step_from_drafting(ckpts):
-    """Drafting may not take the whole step budget while a prompt waits: with 128 tokens a step, K = 8 at
+def test_a_waiting_prompt_keeps_what_ar_would_give_it(ckpts):
+    """Drafting only takes what a waiting prompt leaves of the step: with 128 tokens a step, K = 8 at
     levels (0, 4, 8) (36 slots per request, 72 for the two requests) would leave the 100-token prompt 92
-    and prefill it over two steps; with half the budget kept for it, the schedule falls back to K = 2 and the
-    whole prompt goes in the step it arrives, its tokens still transformers' greedy ones."""
+    and prefill it over two steps; with the prompt's tokens kept for it, the schedule falls back to K = 2
+    and the whole prompt goes in the step it arrives, as under AR, its tokens still transformers' greedy
+    ones. A prompt longer than the step leaves nothing to draft with: that step is an AR step."""
     ck = ckpts["zaya"]
     rules = (DraftRule(max_batch=64, block_size=8, levels=(0, 4, 8)),
              DraftRule(max_batch=64, block_size=2, levels=(0,)))
@@ -376,6 +377,15 @@ def test_a_waiting_prompt_keeps_half_the_step_from_drafting(ckpts):
     engine = engine_for(ck, max_num_batched_tokens=128, tidar=dict(block_size=8, levels=(0, 4, 8), schedule=rules))
     outs = engine.generate([first, late], [SamplingParams(max_tokens=40), SamplingParams(max_tokens=8)])
     assert [o.output_token_ids for o in outs] == [ck.greedy(first, 40), ck.greedy(late, 8)]
+
+    engine = engine_for(ck, max_num_batched_tokens=128, tidar=dict(block_size=8, levels=(0, 4, 8), schedule=rules))
+    engine.add_request(first, SamplingParams(max_tokens=40))
+    for _ in range(3):
+        engine.step()
+    engine.add_request(prompt_of(200, 43), SamplingParams(max_tokens=8))
+    batch = engine.scheduler.schedule()
+    assert [s.num_tokens for s in batch] == [1, 127]  # one slot for the decode, the rest for the prompt
+    assert all(s.num_drafts == 0 and not s.levels for s in batch)
 
 
 PENALTIES = dict(presence=0.4, frequency=0.3, repetition=1.5)
