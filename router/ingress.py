@@ -78,7 +78,7 @@ async def _bad_json(request: Request, exc: RequestValidationError):
     return JSONResponse(oa.error_body(f"invalid request: {problems}", 400), status_code=400)
 
 
-def _token_logprobs(entries) -> list[pb.TokenLogprob]:
+def _pb_logprobs(entries) -> list[pb.TokenLogprob]:
     return [pb.TokenLogprob(token_id=e.token_id, logprob=e.logprob,
                             top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in e.top]) for e in entries]
 
@@ -291,7 +291,7 @@ class Ingress:
                 last = event
             return pb.GenerateResponse(request_id=last.request_id, token_ids=ids, text="".join(parts),
                                        finish_reason=last.finish_reason, usage=self._usage(last),
-                                       logprobs=_token_logprobs(logprobs))
+                                       logprobs=_pb_logprobs(logprobs))
         except Exception as e:
             self._fail(grpc_context, e)
             return pb.GenerateResponse()
@@ -305,7 +305,7 @@ class Ingress:
             async for event in self._grpc_events(req, grpc_context):
                 msg = pb.GenerateStreamResponse(request_id=event.request_id, token_ids=event.token_ids,
                                                 text=text.add(event.token_ids, event.finished),
-                                                logprobs=_token_logprobs(event.logprobs or ()))
+                                                logprobs=_pb_logprobs(event.logprobs or ()))
                 if event.steps:
                     msg.step.CopyFrom(self._step_stats(event.steps))
                     msg.steps.extend(self._step_stats([s]) for s in event.steps)
@@ -493,4 +493,6 @@ class Ingress:
         except Exception as e:
             _, status = status_of(e)
             yield f"data: {json.dumps(oa.error_body(message_of(e), status))}\n\n"
+        finally:  # `events` waits after its last event: close it now, not when the GC finds it (in-flight count)
+            await events.aclose()
         yield "data: [DONE]\n\n"
