@@ -78,6 +78,22 @@ def test_a_draft_the_grammar_refuses_cuts_the_block_before_verification(engines,
     assert_engine_idle(engine)
 
 
+def test_the_next_drafts_are_cut_where_the_grammar_refuses_them(engines):
+    """The engine's own drafts for the next step already stop before a token the grammar refuses, so the
+    step verifies every draft it computed (verification never has to cut the block)."""
+    engine = engines["tidar"]
+    rid = engine.add_request(PROMPTS[1], constrained(json_schema=json.dumps(PET)))
+    req, offered, cut = engine.requests[rid], [], 0
+    while engine.has_unfinished():
+        before = len(req.drafts)
+        for out in engine.step():
+            if out.step is not None and before:
+                offered.append(before)
+                cut += out.step.drafted < before
+    assert offered and cut == 0
+    assert_engine_idle(engine)
+
+
 def test_sampled_answers_always_follow_the_schema(engines):
     outs = engines["tidar"].generate(PROMPTS * 4, [SamplingParams(max_tokens=96, temperature=1.0, seed=i,
                                                                   structured=StructuredOutput(json_schema=json.dumps(PET)))

@@ -60,6 +60,19 @@ class RequestGrammar:
     def row_masks(self, drafts: list[int]) -> tuple[torch.Tensor, int]:
         """The allowed tokens of each verify row: ([n + 1, V] bool, n), n the drafts the grammar accepts
         (row i follows the first i of them); the matcher is back at the committed tokens afterwards."""
+        bits, n = self._walk(drafts)
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bits[: n + 1, :, None] >> shifts) & 1).bool().flatten(1)[:, : self.vocab_size]
+        return allowed, n
+
+    def valid_prefix(self, drafts: list[int]) -> int:
+        """How many of the drafts the masks allow in a row from the committed tokens (state unchanged). The
+        masks, not llguidance's validate_tokens: where the grammar forces text they allow only its canonical
+        tokens, which validate_tokens does not check."""
+        return self._walk(drafts)[1] if drafts else 0
+
+    def _walk(self, drafts: list[int]) -> tuple[torch.Tensor, int]:
+        """The bitmask of each row up to the first refused draft, and how many drafts came before it."""
         bits = torch.zeros(len(drafts) + 1, self.words, dtype=torch.int32)
         n = 0
         for i in range(len(drafts) + 1):
@@ -68,9 +81,7 @@ class RequestGrammar:
                 break
             n += 1
         self.matcher.rollback(n)
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bits[: n + 1, :, None] >> shifts) & 1).bool().flatten(1)[:, : self.vocab_size]
-        return allowed, n
+        return bits, n
 
     @staticmethod
     def _allowed(bits: torch.Tensor, token: int) -> bool:

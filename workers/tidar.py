@@ -117,6 +117,10 @@ def accept(s: Scheduled, logits: torch.Tensor, cfg: TidarConfig, argmax: list[in
 
 def set_drafts(batch: list[tuple[Scheduled, DraftInput]], chain: DraftChain | None, cfg: TidarConfig) -> None:
     """Draft each request's next tokens from its kept proposal slots (chained when the model has a Markov
-    head), all requests of the step at once."""
+    head), all requests of the step at once. Under a grammar the drafts stop before the first one it refuses:
+    the next step does not spend slots on drafts verification would cut."""
     for (s, _), (drafts, rows) in zip(batch, walk([p for _, p in batch], chain, cfg.draft_temperature), strict=True):
+        if s.request.grammar is not None:
+            n = s.request.grammar.valid_prefix(drafts)
+            drafts, rows = drafts[:n], rows[:n]
         s.request.drafts, s.request.draft_logits = drafts, rows
