@@ -31,7 +31,7 @@ def auto_mode(model_dir: str | None, mask_token_id: int | None) -> str:
         return "ar"  # the engine reports a missing or broken model dir itself
 
 
-def add_penalties(parser: argparse.ArgumentParser) -> None:
+def add_request_options(parser: argparse.ArgumentParser) -> None:
     """The per-request sampling options `generate` and `client` share: penalties and structured output."""
     parser.add_argument("--presence-penalty", type=float, help="OpenAI's, over output tokens, [-2, 2]")
     parser.add_argument("--frequency-penalty", type=float, help="OpenAI's, per occurrence in the output, [-2, 2]")
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--stop", action="append", help="a stop string (repeat for up to 4); not part of the text")
     g.add_argument("--logprobs", type=int, help="with --json: each token's logprob and this many alternatives")
-    add_penalties(g)
+    add_request_options(g)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.add_argument("--mode", choices=["auto", "ar", "tidar"], default="auto",
                    help="auto (default): tidar when the model names a mask token (and the backend is native), else ar")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--stop", action="append", help="a stop string (repeat for up to 4)")
     c.add_argument("--logprobs", type=int, help="print each token's logprob and this many alternatives (unary)")
-    add_penalties(c)
+    add_request_options(c)
     c.add_argument("--sampler", choices=["lossless", "mix"], help="TiDAR's verifier for this request")
     c.add_argument("--mix-weight", type=float, help="w of the mix sampler for this request (implies it)")
     c.add_argument("--stream", action="store_true", help="print tokens as each decode step commits them")

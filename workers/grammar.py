@@ -2,8 +2,8 @@
 
 llguidance (Microsoft's grammar engine, as vLLM and SGLang use it) compiles the grammar and walks it token
 by token; it reads tokenizer.json directly and depends on nothing else (bench/grammar.py measured it beside
-xgrammar on the shipped model: both compile a JSON schema in 1-2 ms and mask a token in ~5 us; xgrammar
-would pull transformers and triton into every install).
+xgrammar on the shipped model: a JSON schema compiles in 0.5 ms vs 2.2 ms, a token's mask takes ~4 us in
+both; xgrammar would pull transformers and triton into every install).
 
 Under TiDAR the mask of verify row i is the grammar's state after the committed tokens and the first i
 drafts, so acceptance is exact for the constrained distribution; a draft the grammar refuses cuts the block
