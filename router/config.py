@@ -69,7 +69,10 @@ class ServeConfig(BaseModel):
     http_host: str = "127.0.0.1"
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     max_queued_per_replica: int = Field(64, ge=1, description="admitted but not running; beyond it: overloaded")
-    max_ongoing_per_replica: int = Field(256, ge=1)
+    max_ongoing_per_replica: int = Field(
+        256, ge=1, description="requests Serve sends one engine replica at once; keep it above engine.max_num_seqs "
+        "+ max_queued_per_replica, so the replica's own count refuses (exact) rather than Serve's per-ingress "
+        "queue (which undercounts under contention: a request a full replica bounced is not counted while it retries)")
     stream_interval_ms: float = Field(
         STREAM_INTERVAL_MS, ge=0, le=10_000, description="a stream sends a request's new tokens at most this often "
         "(first and last at once); 0 sends every decode step")
