@@ -10,10 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workers.config import EngineConfig, InvalidRequest, describe
 
 ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
-# Defaults chosen by bench.e2e (docs/benchmarks.md, "Serving at engine speed"): 20 ms coalescing was 1.34x
-# for streamed chat at c = 64 and within noise below; one ingress process was 1.04-1.18x two on 2 cores
-# (a bigger head node sets ingress_replicas, as deploy/examples/tidal.yaml does).
-STREAM_INTERVAL_MS = 20.0
+# Defaults chosen by bench.e2e (docs/benchmarks.md, "Serving at engine speed"): 50 ms coalescing was 1.11x /
+# 1.39x / 1.22x the streamed-chat tokens/s of 20 ms at c = 1 / 8 / 32 (20 ms: 1.34x of none at c = 64); one
+# ingress process was 1.04-1.18x two on 2 cores (a bigger head node sets ingress_replicas, as
+# deploy/examples/tidal.yaml does).
+STREAM_INTERVAL_MS = 50.0
 DEFAULT_CONNECTION_AGE_S = 30.0  # with several ingress replicas: a channel moves between them
 
 

@@ -76,10 +76,18 @@ class AsyncEngine:
                     for rid in list(self._queues):
                         self.engine.abort(rid)
                     self._queues.clear()
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for entry, item in deliveries:
                 if entry is not None:
                     loop, queue = entry
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    by_loop.setdefault(loop, []).append((queue, item))
+            for loop, items in by_loop.items():  # one wake-up per loop and step, not one per request
+                loop.call_soon_threadsafe(_put_all, items)
             if not busy:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
