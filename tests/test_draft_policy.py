@@ -1,7 +1,7 @@
 """Load-aware drafting: the policy picks K and levels by expected tokens per second, down to plain AR."""
 
 from workers.config import DraftRule, EngineConfig, TidarConfig
-from workers.draft_policy import AdaptivePolicy, StaticSchedule, ladder, make_policy, slots
+from workers.draft_policy import PROBE_REQUESTS, AdaptivePolicy, StaticSchedule, ladder, make_policy, slots
 
 
 def feed(policy, step_time, acceptance, steps=200, k=16):
@@ -116,6 +116,22 @@ def test_probes_grow_rare_where_drafting_loses_even_when_drafts_are_accepted():
         probe_steps += rule is not None
     assert 0 < probe_steps <= 40
     assert policy.choose(1) is not None
+
+
+def test_a_probe_drafts_for_a_few_requests_and_drafting_for_all():
+    """A probe at batch 32 drafts for PROBE_REQUESTS requests (width), so it fits a budget that the whole
+    batch's drafting would not; once drafting wins, the rule is for every request again."""
+    policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=40)
+    feed(policy, lambda s: 0.010 + 0.001 * s, acceptance=0.0, k=4)  # drafting loses: AR, then a probe
+    choices = [(policy.choose(32), policy.width) for _ in range(40)]
+    probes = [(rule, width) for rule, width in choices if rule is not None]
+    assert probes and all(width == PROBE_REQUESTS and (rule.block_size, rule.levels) == (1, (0,))
+                          for rule, width in probes)  # 2 * 4 + 30 slots <= 40 < 32 * 4
+    assert all(width is None for rule, width in choices if rule is None)
+
+    policy = AdaptivePolicy(TidarConfig(), budget=100_000)
+    feed(policy, lambda s: 0.010 + 0.00001 * s, acceptance=1.0)  # slots nearly free, all accepted
+    assert policy.choose(32) is not None and policy.width is None
 
 
 def test_static_schedule_follows_batch_limits_and_budget():

@@ -388,6 +388,39 @@ def test_a_waiting_prompt_keeps_what_ar_would_give_it(ckpts):
     assert all(s.num_drafts == 0 and not s.levels for s in batch)
 
 
+def test_a_probe_drafts_for_two_requests_and_output_stays_ar(ckpts):
+    """When drafting loses, the adaptive policy's probe (propose, then verify) drafts for the first two
+    requests of the step only; the others decode as AR in the same step, and every output is transformers'
+    greedy one."""
+    ck = ckpts["zaya"]
+    engine = engine_for(ck, tidar=dict(block_size=4, levels=(0,)))
+    jobs = [(prompt_of(5 + i, 60 + i), 12) for i in range(4)]
+    for p, n in jobs:
+        engine.add_request(p, SamplingParams(max_tokens=n))
+    engine.step()  # the four prompts prefill
+    policy, schedule, seen = engine.policy, engine.scheduler.schedule, []
+
+    def recorded():  # which requests of each step draft (verify drafts or propose them)
+        batch = schedule()
+        seen.append([s.num_drafts + len(s.levels) > 0 for s in batch])
+        return batch
+
+    engine.scheduler.schedule = recorded
+    while engine.has_unfinished():
+        policy.accept = [0.0] * len(policy.accept)  # no draft is ever accepted: AR wins, probes refresh
+        policy.since_tidar = max(policy.since_tidar, policy.explore_every)  # a probe is due now
+        engine.step()
+    probes = [d for d in seen if any(d)]
+    assert probes and all(sum(d) <= 2 and d[:sum(d)] == [True] * sum(d) for d in probes), seen
+    assert any(len(d) == 4 and sum(d) == 2 for d in probes), seen
+
+    engine = engine_for(ck, tidar=dict(block_size=4, levels=(0,)))
+    engine.policy.accept = [0.0] * 4
+    outs = engine.generate([p for p, _ in jobs], [SamplingParams(max_tokens=n) for _, n in jobs])
+    assert [o.output_token_ids for o in outs] == [ck.greedy(p, n) for p, n in jobs]
+    assert_engine_idle(engine)
+
+
 PENALTIES = dict(presence=0.4, frequency=0.3, repetition=1.5)
 
 

@@ -10,8 +10,9 @@ policy picks, for the current batch size b, the candidate that maximises b * E(k
 AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
 teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
 proposes drafts, the next verifies them), half as often each time drafting still loses at the batch size
-of the probe: a probe costs about two slow steps, and probing every 16 steps at a batch where drafting
-loses cost TiDAR ~6% against AR end to end. A falling load needs no probe: `choose` decides from the
+of the probe. A probe drafts for at most PROBE_REQUESTS of the step's requests (`width`), the rest decode
+as AR: drafting the whole batch made a probe at batch 32 two steps of about 3x the AR cost, and in process
+TiDAR ran ~3% below AR at c = 32, most of it in probes. A falling load needs no probe: `choose` decides from the
 acceptance already learnt. A static schedule (explicit rules by batch size) is also available.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 from workers.config import DraftRule, TidarConfig
 
 NEVER = 1 << 30
+PROBE_REQUESTS = 2  # requests a probe drafts for; a few acceptance samples per probe are enough
 
 
 def ladder(block_size: int, levels: tuple[int, ...]) -> list[DraftRule]:
@@ -47,6 +49,8 @@ def slots(rule: DraftRule | None, two_forward: bool) -> int:
 
 class StaticSchedule:
     """The first rule whose batch limit holds and whose whole-batch cost fits the token budget."""
+
+    width = None  # every request of the step drafts by the chosen rule
 
     def __init__(self, rules: tuple[DraftRule, ...], budget: int, two_forward: bool = False):
         self.rules, self.budget, self.two_forward = rules, budget, two_forward
@@ -80,6 +84,8 @@ class AdaptivePolicy:
         self.explore_every, self.since_tidar, self.exploring = 16, 0, False
         self.probe_left = 0  # steps the current probe still drafts
         self.probe_batch = 1  # batch size of the current probe
+        self.width: int | None = None  # how many of the step's requests the chosen rule is for (None: all)
+        self._expected: tuple[tuple[float, ...], list[float]] | None = None  # (acceptance, tokens per candidate)
 
     def step_time(self, num_slots: int) -> float:
         """Fitted seconds for a decode step of `num_slots` slots, all of them logit rows. Fits with all three
@@ -123,10 +129,12 @@ class AdaptivePolicy:
         budget = self.budget if budget is None else budget
         rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0,
                  "tokens_per_time": batch / max(self.step_time(batch), 1e-12)}]
-        for c in self.candidates:
+        accept = tuple(self.accept)
+        if self._expected is None or self._expected[0] != accept:  # every step asks; acceptance moves on verifies
+            self._expected = (accept, [self.expected_tokens(self.expected_drafts(c)) for c in self.candidates])
+        for c, e in zip(self.candidates, self._expected[1], strict=True):
             if batch * slots(c, self.two_forward) > budget:
                 continue
-            e = self.expected_tokens(self.expected_drafts(c))
             rows.append({"block_size": c.block_size, "levels": list(c.levels), "expected_tokens": e,
                          "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12)})
         return rows
@@ -135,19 +143,22 @@ class AdaptivePolicy:
         """The layout for a step of `batch` decoding requests whose drafting may use `budget` token slots
         (default: the whole step budget)."""
         budget = self.budget if budget is None else budget
-        fits = [c for c in self.candidates if batch * slots(c, self.two_forward) <= budget]
-        if self.probe_left and fits:  # a probe drafts for two steps: one proposes, the next verifies
+        width = min(batch, PROBE_REQUESTS)
+        probes = [c for c in self.candidates if width * slots(c, self.two_forward) + batch - width <= budget]
+        if self.probe_left and probes:  # a probe drafts for two steps: one proposes, the next verifies
             self.probe_left -= 1
-            return fits[-1]
-        self.exploring, self.probe_left = False, 0
+            self.width = width
+            return probes[-1]
+        self.exploring, self.probe_left, self.width = False, 0, None
         rows = self.explain(batch, budget)
         best = max(rows, key=lambda r: r["tokens_per_time"])
         if best["block_size"] == 0:
             self.since_tidar += 1
-            if not fits or self.since_tidar < self.explore_every:
+            if not probes or self.since_tidar < self.explore_every:
                 return None
             self.exploring, self.since_tidar, self.probe_left, self.probe_batch = True, 0, 1, batch
-            return fits[-1]  # the cheapest layout, to refresh the acceptance estimates
+            self.width = width
+            return probes[-1]  # the cheapest layout, to refresh the acceptance estimates
         self.since_tidar = 0
         return DraftRule(max_batch=NEVER, block_size=best["block_size"], levels=tuple(best["levels"]))
 

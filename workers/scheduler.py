@@ -73,11 +73,13 @@ class Scheduler:
         pending = sum(max(0, r.num_tokens - r.num_computed_tokens - 1) for r in (*self.running, *admissible))
         reserve = min(pending, max(0, budget - len(self.running)))
         rule = self.draft_rule(min(self.max_num_seqs, len(self.running) + len(self.waiting)), budget - reserve)
+        width = self.policy.width if self.policy is not None else None  # a probe drafts for `width` requests
+        drafters = len(self.running) + len(self.waiting) if width is None else width
         out: list[Scheduled] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            s = self._plan(req, budget, rule)
+            s = self._plan(req, budget, rule if len(out) < drafters else None)
             if s.cost > budget:
                 break  # it runs next step; the rule guarantees the first request always fits
             while not self.blocks.can_allocate(req, self._kv_need(s)):
@@ -93,7 +95,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             cached = self.blocks.reuse_prefix(req)
-            s = self._plan(req, budget, rule)
+            s = self._plan(req, budget, rule if len(out) < drafters else None)
             if s.cost > budget or not self.blocks.can_allocate(req, self._kv_need(s)):
                 self.blocks.free(req)  # the cached blocks go back until it can start
                 req.num_computed_tokens = 0
