@@ -39,7 +39,8 @@ def build_app(args: dict) -> serve.Application:
                                "request_router_kwargs": {"prefix_tokens": 64, "max_imbalance": 4}},
         ray_actor_options={"num_cpus": 1, "num_gpus": 0 if cfg.engine.device == "cpu" or cfg.engine.ep_size > 1 else 1,
                            "runtime_env": runtime_env},
-    ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica, cfg.stream_interval_ms)
+    ).bind(cfg.engine.model_dump(mode="json"), cfg.max_queued_per_replica, cfg.stream_interval_ms,
+            cfg.stream_messages_per_s)
     coordinator = serve.deployment(Coordinator, name="Coordinator", num_replicas=1, max_ongoing_requests=10_000,
                                    ray_actor_options={"num_cpus": 0}).bind()  # long polls: one per ingress
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=cfg.ingress_replicas,

@@ -31,13 +31,16 @@ from workers.config import EngineConfig
 
 
 class EngineReplica:
-    def __init__(self, engine_config: dict, max_queued: int, stream_interval_ms: float = 0.0):
+    def __init__(self, engine_config: dict, max_queued: int, stream_interval_ms: float = 0.0,
+                 stream_messages_per_s: float = math.inf):
         telemetry.setup_tracing()
         self.config = EngineConfig(**engine_config)
         self.engine = create_engine(self.config)  # native, or vLLM with our plugin
         self.async_engine = AsyncEngine(self.engine)
         self.max_queued = max_queued
         self.stream_interval_s = stream_interval_ms / 1000
+        self.stream_messages_per_s = stream_messages_per_s
+        self.streams = 0  # streaming requests in flight: together they send about streams / interval messages a s
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.finished = self.drafted = self.accepted = self.verify_steps = 0  # totals over every request
         self.callers = CallerWatch()
@@ -47,17 +50,17 @@ class EngineReplica:
         """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
         first and the last at once; the request's totals ride on the last event only."""
         self._ensure_background()
-        if self.engine.load().waiting >= self.max_queued:
+        if self.async_engine.waiting() >= self.max_queued:  # counts adds the engine thread has not applied yet
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = request.sampling
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
-        interval = self.stream_interval_s if request.stream else math.inf
         first, last, pending, sent_at = True, None, None, 0.0
         loop = asyncio.get_running_loop()
         stream = self.async_engine.generate(request.prompt, params, request.request_id)
         caller = request.caller
         if caller is not None:
             self.callers.hold(caller)
+        self.streams += request.stream
         try:
             async for out in stream:
                 if caller is not None and caller.actor_id in self.callers.dead:
@@ -66,11 +69,12 @@ class EngineReplica:
                 if span.is_recording():
                     self._trace(span, out, first)
                 pending = self._event(out, pending)
-                if first or out.finished or loop.time() - sent_at >= interval:
+                if first or out.finished or loop.time() - sent_at >= self._interval(request.stream):
                     yield pending
                     pending, sent_at = None, loop.time()
                 first, last = False, out
         finally:
+            self.streams -= request.stream
             await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
             if caller is not None:
                 self.callers.release(caller)
@@ -80,6 +84,12 @@ class EngineReplica:
                     span.set_attributes({f"tidal.{k}": v for k, v in last.stats.as_dict().items()
                                          if isinstance(v, (int, float))})
             span.end()
+
+    def _interval(self, streamed: bool) -> float:
+        """Seconds between a stream's messages: stream_interval_ms, longer when the replica's streams together
+        would send more than stream_messages_per_s (each message costs the replica, the ingress and the
+        proxy CPU). A request whose client does not stream gets its first and its last message only."""
+        return max(self.stream_interval_s, self.streams / self.stream_messages_per_s) if streamed else math.inf
 
     @staticmethod
     def _trace(span, out, first: bool) -> None:

@@ -164,7 +164,8 @@ def server(model_dir):
         "engine.max_num_seqs": MAX_NUM_SEQS, "engine.kv_cache_bytes": 4 << 20,
         "max_queued_per_replica": MAX_QUEUED, "max_ongoing_per_replica": MAX_ONGOING,
         "ingress_replicas": INGRESSES, "grpc_max_connection_age_s": CONNECTION_AGE_S,
-        "stream_interval_ms": 0,  # a message per decode step: the tests below count and cancel by message
+        "stream_interval_ms": 0, "stream_messages_per_s": 1e9,  # a message per decode step: the tests below
+        # count and cancel by message
         "max_request_bytes": MAX_REQUEST_BYTES, "max_tokens_limit": LONG,
         "grpc_max_streams_per_connection": STREAMS_PER_CONNECTION})
     srv = Server(model_dir, cfg.grpc_port, cfg.http_port)

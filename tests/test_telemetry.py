@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -195,6 +196,26 @@ def test_coalesced_stream_sends_first_and_last_at_once_and_keeps_every_step(tiny
     assert all(e.stats is None for e in each[:-1] + coalesced[:-1])
     assert all(isinstance(s, StepRecord) for e in coalesced for s in e.steps)
     assert sum(len(e.steps) for e in coalesced) == each[-1].stats.forwards
+
+
+def test_a_replica_with_many_streams_coalesces_each_one_more(tiny_model):
+    """The replica caps its streams' total message rate (stream_messages_per_s): with one stream and a cap of
+    one message per hour, that stream's interval is an hour however short stream_interval_ms is, so it sends
+    its first and its last message only; every token and step still arrive."""
+    config = EngineConfig(model=tiny_model, mode="tidar", block_size=4, kv_cache_bytes=1 << 20,
+                          tidar=TIDAR).model_dump(mode="json")
+    streams = {}
+    for rate in (math.inf, 1 / 3600):
+        r = EngineReplica(config, max_queued=8, stream_interval_ms=0.0, stream_messages_per_s=rate)
+        try:
+            streams[rate] = run(r, tiny_request(None))
+            assert r.streams == 0  # the finished stream no longer counts
+        finally:
+            r.async_engine.shutdown()
+    each, capped = streams[math.inf], streams[1 / 3600]
+    assert len(each) > 2 and len(capped) == 2
+    assert [t for e in capped for t in e.token_ids] == [t for e in each for t in e.token_ids]
+    assert [s for e in capped for s in e.steps] == [s for e in each for s in e.steps]
 
 
 def test_a_request_that_does_not_stream_gets_its_first_tokens_then_the_rest(tiny_model):
@@ -374,7 +395,8 @@ def served(tmp_path_factory, otlp_grpc):
     env.update(OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
                OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{otlp_grpc.port}", OTEL_BSP_SCHEDULE_DELAY="200")
     config = tmp / "serve.json"  # the static draft schedule: flags cannot set it
-    config.write_text(json.dumps({"engine": {"tidar": TIDAR}, "stream_interval_ms": 0}))  # a message per step
+    config.write_text(json.dumps({"engine": {"tidar": TIDAR}, "stream_interval_ms": 0,  # a message per step
+                                       "stream_messages_per_s": 1e9}))
     log_path = tmp / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--config", str(config), "--model", str(model),
