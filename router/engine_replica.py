@@ -5,7 +5,8 @@ is refused at once (Overloaded) instead of queueing forever. A cancelled or aban
 its request in the engine, which frees its KV blocks.
 
 Streams are coalesced: a request's committed tokens go out at most every `stream_interval_ms` (its first
-tokens and its last at once), one Ray message for several decode steps, each step's statistics kept. A
+tokens and its last at once), one Ray message for several decode steps, each step's statistics kept; when
+the replica's streams together would send more than `stream_messages_per_s`, each one waits longer. A
 request whose client does not stream gets two messages: its first tokens (errors and time to first token
 show at once) and the rest with its totals.
 """
