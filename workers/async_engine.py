@@ -64,14 +64,6 @@ class AsyncEngine:
             if not finished:
                 self._post(("abort", rid))
 
-    def abort(self, request_id: str) -> None:
-        with self._queues_lock:
-            entry = self._queues.pop(request_id, None)
-        self._post(("abort", request_id))
-        if entry:
-            loop, queue = entry
-            loop.call_soon_threadsafe(queue.put_nowait, asyncio.CancelledError(f"request {request_id} aborted"))
-
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
