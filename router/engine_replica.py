@@ -51,7 +51,7 @@ class EngineReplica:
         """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
         first and the last at once; the request's totals ride on the last event only."""
         self._ensure_background()
-        if self.async_engine.waiting() >= self.max_queued:  # counts adds the engine thread has not applied yet
+        if self.engine.load().waiting >= self.max_queued:
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = request.sampling
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
