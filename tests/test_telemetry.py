@@ -20,6 +20,7 @@ branch every Serve process (ingress and replicas) takes, without a second Serve 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -447,12 +448,15 @@ def test_otlp_grpc_export(served, otlp_grpc):
     assert attrs(engine)["tidal.finish_reason"] == "length"
 
     steps = [attrs(e) for e in engine.events if e.name == "decode_step"]
-    assert len(steps) == len(msgs)  # one streamed message per engine step
+    streamed = [s for m in msgs for s in m.steps]  # a message may carry several steps, each listed
+    assert len(steps) == len(streamed)  # one trace event per engine step
     usage = msgs[-1].usage.speculative
     check_decode_steps(steps, n, usage.drafted, usage.accepted)
     assert usage.drafted > 0, "tidar mode offered no drafts"
-    assert [s["tidal.drafts_offered"] for s in steps] == [m.step.drafted for m in msgs]
-    assert [s["tidal.tokens_committed"] for s in steps] == [len(m.token_ids) for m in msgs]
+    assert [s["tidal.drafts_offered"] for s in steps] == [s.drafted for s in streamed]
+    ends = list(itertools.accumulate(len(m.steps) for m in msgs))  # each message's tokens: its steps' commits
+    committed = [s["tidal.tokens_committed"] for s in steps]
+    assert [sum(committed[e - len(m.steps):e]) for m, e in zip(msgs, ends)] == [len(m.token_ids) for m in msgs]
 
 
 def scrape(base: str) -> tuple[dict, dict]:
@@ -503,15 +507,16 @@ def test_metrics_move(served):
         time.sleep(0.2)
     time.sleep(1.0)  # and every ingress has posted its counters since (the 400 may have been another's)
     after, _ = scrape(served.base)
-    drafted, accepted = sum(m.step.drafted for m in msgs), sum(m.step.accepted for m in msgs)
-    assert drafted > 0
+    steps = [s for m in msgs for s in m.steps]  # the metrics see every step, however the stream coalesced them
+    drafted, accepted = sum(s.drafted for s in steps), sum(s.accepted for s in steps)
+    assert drafted > 0 and drafted == sum(m.step.drafted for m in msgs)
     assert delta("vllm:request_success_total", finished_reason="length") == 1
     assert delta("tidal:requests_rejected_total", status="400") == 1
     assert delta("vllm:spec_decode_num_draft_tokens_total") == drafted
     assert delta("vllm:spec_decode_num_accepted_tokens_total") == accepted
-    assert delta("vllm:spec_decode_num_drafts_total") == sum(1 for m in msgs if m.step.drafted)
+    assert delta("vllm:spec_decode_num_drafts_total") == sum(1 for s in steps if s.drafted)
     assert delta("vllm:time_to_first_token_seconds_count") == 1
-    assert delta("tidal:tokens_per_forward_count") == len(msgs)
+    assert delta("tidal:tokens_per_forward_count") == len(steps)  # every step commits a token at least
     assert delta("tidal:tokens_per_forward_sum") == n
     assert delta("vllm:inter_token_latency_seconds_count") == len(msgs) - 1
 
