@@ -456,7 +456,8 @@ def test_otlp_grpc_export(served, otlp_grpc):
     assert [s["tidal.drafts_offered"] for s in steps] == [s.drafted for s in streamed]
     ends = list(itertools.accumulate(len(m.steps) for m in msgs))  # each message's tokens: its steps' commits
     committed = [s["tidal.tokens_committed"] for s in steps]
-    assert [sum(committed[e - len(m.steps):e]) for m, e in zip(msgs, ends)] == [len(m.token_ids) for m in msgs]
+    per_message = [sum(committed[e - len(m.steps):e]) for m, e in zip(msgs, ends, strict=True)]
+    assert per_message == [len(m.token_ids) for m in msgs]
 
 
 def scrape(base: str) -> tuple[dict, dict]:
