@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from proto import tidal_pb2 as pb
+from proto.channel import insecure_channel
 
 KINDS = ("grpc", "http", "grpc-cancel", "http-cancel", "grpc-deadline")
 DEADLINE_S = 0.3
@@ -133,7 +134,7 @@ def main() -> None:
     server.start(log_dir)
     rows = []
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{args.port + 1}")
+        channel = insecure_channel(f"127.0.0.1:{args.port + 1}")
         gen, ctl = pbg.GenerationStub(channel), pbg.ControlStub(channel)
         for r in range(args.rounds):
             t0 = time.perf_counter()

@@ -57,12 +57,12 @@ def in_process(model: str, concurrency: int, max_tokens: int) -> dict:
 
 
 def through_grpc(port: int, concurrency: int, max_tokens: int) -> dict:
-    import grpc
 
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
+    from proto.channel import insecure_channel
 
-    stub = pbg.GenerationStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    stub = pbg.GenerationStub(insecure_channel(f"127.0.0.1:{port}"))
     request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     results: list = [None] * concurrency
 

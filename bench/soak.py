@@ -21,11 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 
 from bench.load import one_stream
 from proto import tidal_pb2 as pb
+from proto.channel import insecure_channel
 
 
 def server_rss(root_pid: int) -> dict[str, int]:
@@ -69,7 +69,7 @@ def main() -> None:
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "tidal-soak"
     log_dir.mkdir(exist_ok=True)
     server.start(log_dir)
-    channel = grpc.insecure_channel(f"127.0.0.1:{args.port + 1}")
+    channel = insecure_channel(f"127.0.0.1:{args.port + 1}")
     gen, ctl = pbg.GenerationStub(channel), pbg.ControlStub(channel)
     lock, window = threading.Lock(), collections.defaultdict(list)  # outcome -> stream seconds, this window
     errors: list[str] = []

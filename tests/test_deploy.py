@@ -370,12 +370,12 @@ def wait_for(cond, timeout_s: float, what: str, period_s: float = 0.25):
 
 
 def test_burst_scales_up_then_down_answering_everything(local_app):
-    import grpc
 
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
+    from proto.channel import insecure_channel
 
-    channel = grpc.insecure_channel(f"127.0.0.1:{local_app.grpc_port}")
+    channel = insecure_channel(f"127.0.0.1:{local_app.grpc_port}")
     gen = pbg.GenerationStub(channel)
     open_streams: set[int] = set()
     lock = threading.Lock()

@@ -21,6 +21,7 @@ from conftest import free_port, wait_ready
 
 from proto import tidal_pb2 as pb
 from proto import tidal_pb2_grpc as pbg
+from proto.channel import insecure_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 MD = [("application", "tidal")]
@@ -49,7 +50,7 @@ def gen(tmp_path_factory):
         "engine.model": str(model), "engine.max_num_seqs": PER_REPLICA, "engine.kv_cache_bytes": 8 << 20,
         "grpc_port": free_port(), "http_port": free_port(), "max_ongoing_per_replica": PER_REPLICA,
         "max_queued_per_replica": 8, "autoscaling": {"min_replicas": 2, "max_replicas": 2}})
-    channel = grpc.insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
+    channel = insecure_channel(f"127.0.0.1:{cfg.grpc_port}")
     try:
         app.start(cfg)
         stub = pbg.GenerationStub(channel)

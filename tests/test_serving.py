@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 
 from proto import tidal_pb2 as pb  # noqa: E402
 from proto import tidal_pb2_grpc as pbg  # noqa: E402
+from proto.channel import insecure_channel  # noqa: E402
 from workers.config import EngineConfig, SamplingParams, StructuredOutput  # noqa: E402
 from workers.engine import LLMEngine  # noqa: E402
 
@@ -65,7 +66,7 @@ def request(prompt, max_tokens: int, **kw) -> pb.GenerateRequest:
 class Server:
     def __init__(self, model: str, grpc_port: int, http_port: int):
         self.model, self.grpc_port, self.http_port = model, grpc_port, http_port
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        self.channel = insecure_channel(f"127.0.0.1:{grpc_port}")
         self.gen = pbg.GenerationStub(self.channel)
         self.ctl = pbg.ControlStub(self.channel)
         self.base = f"http://127.0.0.1:{http_port}"
@@ -125,7 +126,7 @@ def http(url: str, body=None, headers: dict | None = None, timeout: float = 60, 
 
 def fresh_channel(server) -> grpc.Channel:
     """A channel with a connection of its own (by default channels in one process share connections)."""
-    return grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    return insecure_channel(f"127.0.0.1:{server.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
 
 
 def grpc_ingress(call_or_error) -> str:
@@ -524,7 +525,7 @@ def test_cancelled_stream_frees_kv(server, attempt):
     before = server.wait_idle()
     call = server.gen.GenerateStream(request(PROMPT, LONG), metadata=MD, timeout=120)
     got = [next(call), next(call)]
-    assert all(len(m.token_ids) == 1 for m in got)
+    assert all(m.token_ids for m in got) and sum(len(m.token_ids) for m in got) < LONG // 2  # mid-stream
     server.wait_running()
     time.sleep(0.05 * attempt)
     call.cancel()
@@ -1222,7 +1223,7 @@ def test_tidal_serve_api_key_and_sigterm(server, model_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tidal", "serve", "--model", model_dir,
                              "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--api-key", key],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    channel = insecure_channel(f"127.0.0.1:{grpc_port}")
     try:
         gen, authed = pbg.GenerationStub(channel), MD + [("authorization", f"Bearer {key}")]
         wait_ready(gen, authed, timeout_s=180, alive=lambda: proc.poll() is None)

@@ -51,6 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proto import tidal_pb2 as pb
 from proto import tidal_pb2_grpc as pbg
+from proto.channel import insecure_channel
 from router import telemetry
 from router.engine_replica import EngineReplica
 from router.events import EngineRequest, StreamEvent
@@ -376,7 +377,7 @@ def gen_request(prompt, max_tokens: int) -> pb.GenerateRequest:
 class Served:
     def __init__(self, proc, log_path: Path, grpc_port: int, http_port: int):
         self.proc, self.log_path = proc, log_path
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        self.channel = insecure_channel(f"127.0.0.1:{grpc_port}")
         self.gen = pbg.GenerationStub(self.channel)
         self.base = f"http://127.0.0.1:{http_port}"
 

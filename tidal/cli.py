@@ -223,9 +223,10 @@ def cmd_client(args) -> int:
 
     from proto import tidal_pb2 as pb
     from proto import tidal_pb2_grpc as pbg
+    from proto.channel import insecure_channel
 
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-    channel = grpc.insecure_channel(args.target)
+    channel = insecure_channel(args.target)
     try:
         if args.stats:
             print(pbg.ControlStub(channel).GetStats(pb.StatsRequest(), metadata=metadata))
