@@ -2,7 +2,8 @@
 
 Admission is bounded: when the requests waiting for a batch slot reach `max_queued`, a new request
 is refused at once (Overloaded) instead of queueing forever. A cancelled or abandoned stream aborts
-its request in the engine, which frees its KV blocks.
+its request in the engine, which frees its KV blocks; so does a cancel notice its ingress posts to the stats
+board (the backstop for a cancel Ray lost), read as the replica posts its load.
 
 Streams are coalesced: a request's committed tokens go out at most every `stream_interval_ms` (its first
 tokens and its last at once), one Ray message for several decode steps, each step's statistics kept; when
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator
 
 import ray
 from opentelemetry import trace
+from ray.exceptions import RayError
 
 from router import telemetry
 from router.caller_watch import CallerWatch
@@ -29,6 +31,8 @@ from router.stats import ReplicaLoad, StatsBoard
 from workers.async_engine import AsyncEngine
 from workers.backends import create_engine
 from workers.config import EngineConfig
+
+REPORT_TIMEOUT_S = 5.0
 
 
 class EngineReplica:
@@ -45,13 +49,15 @@ class EngineReplica:
         self.replica_id = f"{os.getpid()}-{id(self)}"
         self.finished = self.drafted = self.accepted = self.verify_steps = 0  # totals over every request
         self.callers = CallerWatch()
+        self.open_tickets: set[str] = set()  # the requests streaming from this replica (EngineRequest.ticket)
+        self.cancelled: set[str] = set()  # of them, those whose client went away (a notice from the board)
         self._background: list[asyncio.Task] | None = None  # the load reports and the caller watch, held
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[StreamEvent]:
         """Yields the tokens of one or more decode steps per event (each step's accept statistics kept), the
         first and the last at once; the request's totals ride on the last event only."""
         self._ensure_background()
-        if self.engine.load().waiting >= self.max_queued:
+        if self.async_engine.waiting() >= self.max_queued:  # counts adds the engine thread has not applied yet
             raise Overloaded(f"replica queue is full ({self.max_queued} waiting); retry later")
         params = request.sampling
         span = telemetry.tracer().start_span("engine", context=telemetry.extract(request.trace))
@@ -62,10 +68,13 @@ class EngineReplica:
         if caller is not None:
             self.callers.hold(caller)
         self.streams += request.stream
+        self.open_tickets.add(request.ticket)
         try:
             async for out in stream:
                 if caller is not None and caller.actor_id in self.callers.dead:
                     break  # its ingress died: nobody reads on, so abort it (in `finally`) instead of decoding on
+                if request.ticket in self.cancelled:
+                    break  # its client went away, and Ray's cancel did not reach us: abort it likewise
                 self._account(out)
                 if span.is_recording():
                     self._trace(span, out, first)
@@ -76,6 +85,8 @@ class EngineReplica:
                 first, last = False, out
         finally:
             self.streams -= request.stream
+            self.open_tickets.discard(request.ticket)
+            self.cancelled.discard(request.ticket)
             await stream.aclose()  # on cancellation: aborts the request and frees its KV now, not at GC time
             if caller is not None:
                 self.callers.release(caller)
@@ -148,10 +159,20 @@ class EngineReplica:
             loop = asyncio.get_running_loop()
             self._background = [loop.create_task(self._report_loop()), loop.create_task(self.callers.run())]
 
+    def cancel_notices(self, tickets: list[str]) -> None:
+        """Requests whose clients went away (read from the board): those streaming here stop at their next step."""
+        self.cancelled.update(t for t in tickets if t in self.open_tickets)
+
     async def _report_loop(self) -> None:
         board = StatsBoard.get()
+        seen = 0
         while True:
-            board.report.remote(self.replica_id, self.load())
+            try:
+                seen, tickets = await asyncio.wait_for(board.report.remote(self.replica_id, self.load(), seen),
+                                                       REPORT_TIMEOUT_S)
+                self.cancel_notices(tickets)
+            except (TimeoutError, RayError):  # the board restarting or slow: post again next period
+                pass
             await asyncio.sleep(0.5)
 
     def __del__(self):

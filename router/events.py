@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from workers.config import SamplingParams
@@ -41,6 +42,8 @@ class EngineRequest:
     stream: bool = True  # the client reads tokens as they come; False: only the first and the last event matter
     trace: dict[str, str] = field(default_factory=dict)  # W3C trace context of the ingress span
     caller: Caller | None = None  # None: a caller outside Ray (tests, in process)
+    ticket: str = field(default_factory=lambda: uuid.uuid4().hex)  # this attempt, unlike a client's reused id:
+    # what a cancel notice names (router/stats.py)
 
 
 @dataclass

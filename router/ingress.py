@@ -189,8 +189,9 @@ class Ingress:
             span.set_status(StatusCode.ERROR, message_of(e))
             raise
         finally:
-            if outcome == "cancelled":
-                upstream.cancel()  # the client went away: stop the replica's stream (its KV is freed)
+            if outcome == "cancelled":  # the client went away: stop the replica's stream (its KV is freed),
+                upstream.cancel()
+                StatsBoard.get().cancel.remote(request.ticket)  # and through the board, should Ray lose the cancel
             self.in_flight -= 1
             if outcome is not None:
                 self.metrics.requests.labels(self.config.model_name, outcome).inc()

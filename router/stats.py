@@ -1,14 +1,23 @@
-"""A named Ray actor where engine replicas post their load; the ingress and autoscaling read it."""
+"""A named Ray actor where engine replicas post their load (the ingress and autoscaling read it), and where
+an ingress posts the requests whose clients went away (each replica reads them as it posts).
+
+Why the second: the ingress cancels a replica's stream through Ray, and a cancel that lands while the
+replica's side is between messages can be lost (the request then decodes on for nobody, holding its KV).
+The notice through the board is the backstop: a replica running a cancelled request stops it within a
+report period of the cancel, whatever became of Ray's.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import ray
 
 BOARD_NAME = "tidal-stats-board"
 STALE_S = 5.0  # a replica silent this long is gone (scaled down or dead)
+CANCEL_KEEP_S = 60.0  # cancel notices older than this are dropped (every live replica has read them)
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,27 @@ class ServerLoad(ReplicaLoad):
 class _Board:
     def __init__(self):
         self.reports: dict[str, tuple[float, ReplicaLoad]] = {}
+        self.cancels: deque[tuple[int, float, str]] = deque()  # (number, posted at, request id), oldest first
+        self.cancel_count = 0  # notices posted since this board started
 
-    def report(self, replica_id: str, load: ReplicaLoad) -> None:
+    def cancel(self, request_id: str) -> None:
+        """An ingress's client went away from `request_id`: whichever replica runs it stops it."""
+        now = time.monotonic()
+        self.cancel_count += 1
+        self.cancels.append((self.cancel_count, now, request_id))
+        while self.cancels and now - self.cancels[0][1] > CANCEL_KEEP_S:
+            self.cancels.popleft()
+
+    def report(self, replica_id: str, load: ReplicaLoad, seen: int = 0) -> tuple[int, list[str]]:
+        """Posts a replica's load; returns (notices so far, the request ids cancelled after notice `seen`).
+        A replica that has seen more notices than this board holds saw a board that restarted: all of
+        them are new to it."""
         self.reports[replica_id] = (time.monotonic(), load)
+        return self.notices(seen)
+
+    def notices(self, seen: int = 0) -> tuple[int, list[str]]:
+        fresh = seen > self.cancel_count
+        return self.cancel_count, [rid for n, _, rid in self.cancels if fresh or n > seen]
 
     def summary(self) -> ServerLoad:
         now = time.monotonic()

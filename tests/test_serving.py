@@ -522,7 +522,10 @@ def test_concurrent_streams_are_batched(server):
 def test_cancelled_stream_frees_kv(server, attempt):
     """Repeated, with the cancel at varying moments: a cancel that lands while the server is sending a
     message was missed about once in 20 when gRPC went through Serve's proxy."""
+    from router.stats import StatsBoard
+
     before = server.wait_idle()
+    notices = ray.get(StatsBoard.get().notices.remote())[0]
     call = server.gen.GenerateStream(request(PROMPT, LONG), metadata=MD, timeout=120)
     got = [next(call), next(call)]
     assert all(m.token_ids for m in got) and sum(len(m.token_ids) for m in got) < LONG // 2  # mid-stream
@@ -532,6 +535,10 @@ def test_cancelled_stream_frees_kv(server, attempt):
     with pytest.raises(grpc.RpcError) as e:
         next(call)
     assert e.value.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 10  # the ingress also posts the cancel to the board (the replicas' backstop)
+    while ray.get(StatsBoard.get().notices.remote(notices))[1] == [] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ray.get(StatsBoard.get().notices.remote(notices))[1]) == 1
     after = server.wait_idle(timeout_s=8)
     assert after.forwards - before.forwards < LONG // 2, "the request ran on after its stream was cancelled"
     assert len(server.gen.Generate(request(PROMPT, 4), metadata=MD, timeout=30).token_ids) == 4
