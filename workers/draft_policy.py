@@ -7,7 +7,10 @@ least-squares fit over recent steps of t = c0 + c1 * logit rows + c2 * other slo
 (every TiDAR slot returns logits) costs more than a prefill token (whose logits nobody reads); fitting
 one line through both let cheap prefill tokens make drafting look cheap at large batches. The adaptive
 policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
-AR (E = 1, one slot) included; the candidates lower the number of levels first, then K. AR steps
+AR (E = 1, one slot) included, but drafts only where that beats AR by DRAFT_MARGIN: the fit is linear and
+the serving processes share the CPU, so a layout the model puts a few percent above AR often ran below it
+(end to end at c = 8, one run in three drafted and lost 12%). The candidates lower the number of levels
+first, then K. AR steps
 teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
 proposes drafts, the next verifies them), half as often each time drafting still loses at the batch size
 of the probe. A probe drafts for at most PROBE_REQUESTS of the step's requests (`width`), the rest decode
@@ -22,6 +25,7 @@ from workers.config import DraftRule, TidarConfig
 
 NEVER = 1 << 30
 PROBE_REQUESTS = 2  # requests a probe drafts for; a few acceptance samples per probe are enough
+DRAFT_MARGIN = 0.10  # drafting must promise this much more than AR's tokens per second to be chosen
 
 
 def ladder(block_size: int, levels: tuple[int, ...]) -> list[DraftRule]:
@@ -139,6 +143,14 @@ class AdaptivePolicy:
                          "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12)})
         return rows
 
+    @staticmethod
+    def best(rows: list[dict]) -> dict:
+        """Of `explain`'s rows (AR first), the best drafting layout if it beats AR by DRAFT_MARGIN, else AR."""
+        ar, drafting = rows[0], max(rows[1:], key=lambda r: r["tokens_per_time"], default=None)
+        if drafting is not None and drafting["tokens_per_time"] >= (1 + DRAFT_MARGIN) * ar["tokens_per_time"]:
+            return drafting
+        return ar
+
     def choose(self, batch: int, budget: int | None = None) -> DraftRule | None:
         """The layout for a step of `batch` decoding requests whose drafting may use `budget` token slots
         (default: the whole step budget)."""
@@ -150,8 +162,7 @@ class AdaptivePolicy:
             self.width = width
             return probes[-1]
         self.exploring, self.probe_left, self.width = False, 0, None
-        rows = self.explain(batch, budget)
-        best = max(rows, key=lambda r: r["tokens_per_time"])
+        best = self.best(self.explain(batch, budget))
         if best["block_size"] == 0:
             self.since_tidar += 1
             if not probes or self.since_tidar < self.explore_every:
@@ -180,8 +191,7 @@ class AdaptivePolicy:
         if self.exploring and not self.probe_left:  # the probe's verify step: does drafting win now?
             self.exploring = False
             self.since_tidar = 0
-            rows = self.explain(self.probe_batch)
-            lost = max(rows, key=lambda r: r["tokens_per_time"])["block_size"] == 0
+            lost = self.best(self.explain(self.probe_batch))["block_size"] == 0
             self.explore_every = min(self.explore_every * 2, 1024) if lost else 16
 
 
