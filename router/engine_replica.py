@@ -15,6 +15,7 @@ show at once) and the rest with its totals.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from workers.backends import create_engine
 from workers.config import EngineConfig
 
 REPORT_TIMEOUT_S = 5.0
+log = logging.getLogger("ray.serve")
 
 
 class EngineReplica:
@@ -173,6 +175,8 @@ class EngineReplica:
                 self.cancel_notices(tickets)
             except (TimeoutError, RayError):  # the board restarting or slow: post again next period
                 pass
+            except Exception:  # never let the reports stop: the autoscaler and the cancel backstop need them
+                log.exception("posting this replica's load failed")
             await asyncio.sleep(0.5)
 
     def __del__(self):
