@@ -92,6 +92,29 @@ def test_drafting_must_beat_ar_by_a_margin():
         assert (policy.choose(1) is not None) == drafts, (a, gain)
 
 
+def test_ar_is_judged_by_its_measured_step_time():
+    """A drafting step also does work off the forward (acceptance, the draft chain) that an AR step does not;
+    a fit of time over slots puts that work in its constant and so overrates an AR step. Here drafting loses
+    (K = 2 commits 2 tokens in 0.0088 s, AR 1 in 0.0043 s): judged by the fit alone the policy would draft;
+    judged by the AR steps it measured, it stays AR."""
+    ar_cost = 0.0043
+    step_time = lambda rows, drafting: 0.004 + 0.0003 * rows + (0.003 if drafting else 0.0)
+    policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
+    for i in range(300):  # drafting steps of every layout (position 0 always accepted, 1 never) and AR steps
+        rule = ladder(4, (0,))[i % 3] if i % 2 else None
+        n = slots(rule, False)
+        policy.chose_ar = rule is None
+        policy.observe(n, step_time(n, rule is not None), [(rule.block_size, 1) if rule else (0, 0)])
+    assert abs(policy.ar_seconds[1] - ar_cost) < 0.05 * ar_cost
+    policy.since_tidar = 0
+    assert policy.choose(1) is None
+
+    policy.ar_seconds.clear()  # the fit alone
+    assert policy.step_time(1) > 1.08 * ar_cost
+    policy.since_tidar = 0
+    assert policy.choose(1) is not None
+
+
 def test_cheap_prefill_tokens_do_not_make_drafting_look_cheap():
     """A decode slot returns logits and a prefill token does not, so they cost differently; the policy fits
     both and decides by the decode cost: drafting at batch 1, where it pays, AR at batch 32, where it does

@@ -26,6 +26,7 @@ from workers.config import DraftRule, TidarConfig
 NEVER = 1 << 30
 PROBE_REQUESTS = 2  # requests a probe drafts for; a few acceptance samples per probe are enough
 DRAFT_MARGIN = 0.10  # drafting must promise this much more than AR's tokens per second to be chosen
+AR_RATE = 0.1  # weight of a new measured AR step time in its moving mean
 
 
 def ladder(block_size: int, levels: tuple[int, ...]) -> list[DraftRule]:
@@ -89,6 +90,8 @@ class AdaptivePolicy:
         self.probe_left = 0  # steps the current probe still drafts
         self.probe_batch = 1  # batch size of the current probe
         self.width: int | None = None  # how many of the step's requests the chosen rule is for (None: all)
+        self.ar_seconds: dict[int, float] = {}  # batch -> measured time of a plain AR decode step (moving mean)
+        self.chose_ar = False  # the last choice, which the next observed step ran
         self._expected: tuple[tuple[float, ...], list[float]] | None = None  # (acceptance, tokens per candidate)
 
     def step_time(self, num_slots: int) -> float:
@@ -131,8 +134,8 @@ class AdaptivePolicy:
     def explain(self, batch: int, budget: int | None = None) -> list[dict]:
         """Expected tokens per second (in units of the fitted step time) for every candidate that fits."""
         budget = self.budget if budget is None else budget
-        rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0,
-                 "tokens_per_time": batch / max(self.step_time(batch), 1e-12)}]
+        ar_time = self.ar_seconds.get(batch) or self.step_time(batch)  # measured where AR ran at this batch
+        rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0, "tokens_per_time": batch / max(ar_time, 1e-12)}]
         accept = tuple(self.accept)
         if self._expected is None or self._expected[0] != accept:  # every step asks; acceptance moves on verifies
             self._expected = (accept, [self.expected_tokens(self.expected_drafts(c)) for c in self.candidates])
@@ -154,6 +157,11 @@ class AdaptivePolicy:
     def choose(self, batch: int, budget: int | None = None) -> DraftRule | None:
         """The layout for a step of `batch` decoding requests whose drafting may use `budget` token slots
         (default: the whole step budget)."""
+        rule = self._choose(batch, budget)
+        self.chose_ar = rule is None
+        return rule
+
+    def _choose(self, batch: int, budget: int | None) -> DraftRule | None:
         budget = self.budget if budget is None else budget
         width = min(batch, PROBE_REQUESTS)
         probes = [c for c in self.candidates if width * slots(c, self.two_forward) + batch - width <= budget]
@@ -178,6 +186,11 @@ class AdaptivePolicy:
         """One finished step: its token slots, its time, (offered, accepted) per request, and how many of
         the slots returned logits (default: all, as in a decode step)."""
         rows = num_slots if logit_rows is None else logit_rows
+        if self.chose_ar and len(verifies) == rows == num_slots and not any(d for d, _ in verifies):
+            # a plain AR decode step of num_slots requests: its time measured, not fitted (the fit's constant
+            # carries drafting steps' work off the forward, which made AR look ~20% dearer than it was)
+            prev = self.ar_seconds.get(num_slots)
+            self.ar_seconds[num_slots] = seconds if prev is None else prev + AR_RATE * (seconds - prev)
         x = (1.0, float(rows), float(num_slots - rows), seconds)
         for i in range(3):
             for j in range(4):
