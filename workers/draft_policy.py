@@ -9,7 +9,9 @@ one line through both let cheap prefill tokens make drafting look cheap at large
 policy picks, for the current batch size b, the candidate that maximises b * E(k) / t(b * slots),
 AR (E = 1, one slot) included, but drafts only where that beats AR by DRAFT_MARGIN: the fit is linear and
 the serving processes share the CPU, so a layout the model puts a few percent above AR often ran below it
-(end to end at c = 8, one run in three drafted and lost 12%). The candidates lower the number of levels
+(end to end at c = 8, one run in three drafted and lost 12%). AR's own step time is measured (a moving mean
+of plain AR steps per batch size), not fitted: the fit's constant carries the work drafting steps do off the
+forward, which made AR look ~20% dearer than it was. The candidates lower the number of levels
 first, then K. AR steps
 teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
 proposes drafts, the next verifies them), half as often each time drafting still loses at the batch size
