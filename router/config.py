@@ -15,8 +15,8 @@ ENGINE_LOAD_POLICY = "router.autoscaling:EngineLoadPolicy"
 # ingress process was 1.04-1.18x two on 2 cores (a bigger head node sets ingress_replicas, as
 # deploy/examples/tidal.yaml does).
 STREAM_INTERVAL_MS = 50.0
-# 320 messages a second per engine replica (c = 32 streams: 100 ms each), measured with an engine inbox since
-# reverted (docs/benchmarks.md): streamed chat at c = 32 713 vs 457 tok/s without the cap, c = 8 unchanged (50 ms)
+# 320 messages a second per engine replica (c = 32 streams: 100 ms each), measured with the engine inbox
+# (docs/benchmarks.md): streamed chat at c = 32 713 vs 457 tok/s without the cap, c = 8 unchanged (50 ms)
 STREAM_MESSAGES_PER_S = 320.0
 DEFAULT_CONNECTION_AGE_S = 30.0  # with several ingress replicas: a channel moves between them
 

@@ -61,27 +61,28 @@ class ServerLoad(ReplicaLoad):
 class _Board:
     def __init__(self):
         self.reports: dict[str, tuple[float, ReplicaLoad]] = {}
-        self.cancels: deque[tuple[int, float, str]] = deque()  # (number, posted at, request id), oldest first
+        self.cancels: deque[tuple[int, float, str]] = deque()  # (number, posted at, ticket), oldest first
         self.cancel_count = 0  # notices posted since this board started
 
-    def cancel(self, request_id: str) -> None:
-        """An ingress's client went away from `request_id`: whichever replica runs it stops it."""
+    def cancel(self, ticket: str) -> None:
+        """An ingress's client went away from the request `ticket` (EngineRequest.ticket): whichever replica runs
+        it stops it."""
         now = time.monotonic()
         self.cancel_count += 1
-        self.cancels.append((self.cancel_count, now, request_id))
+        self.cancels.append((self.cancel_count, now, ticket))
         while self.cancels and now - self.cancels[0][1] > CANCEL_KEEP_S:
             self.cancels.popleft()
 
     def report(self, replica_id: str, load: ReplicaLoad, seen: int = 0) -> tuple[int, list[str]]:
-        """Posts a replica's load; returns (notices so far, the request ids cancelled after notice `seen`).
-        A replica that has seen more notices than this board holds saw a board that restarted: all of
-        them are new to it."""
+        """Posts a replica's load; returns `notices(seen)`."""
         self.reports[replica_id] = (time.monotonic(), load)
         return self.notices(seen)
 
     def notices(self, seen: int = 0) -> tuple[int, list[str]]:
+        """(notices so far, the tickets cancelled after notice `seen`). A reader that has seen more notices than
+        this board holds saw a board that restarted: all of them are new to it."""
         fresh = seen > self.cancel_count
-        return self.cancel_count, [rid for n, _, rid in self.cancels if fresh or n > seen]
+        return self.cancel_count, [ticket for n, _, ticket in self.cancels if fresh or n > seen]
 
     def summary(self) -> ServerLoad:
         now = time.monotonic()
