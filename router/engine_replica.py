@@ -170,10 +170,14 @@ class EngineReplica:
         seen = 0
         while True:
             try:
-                seen, tickets = await asyncio.wait_for(board.report.remote(self.replica_id, self.load(), seen),
-                                                       REPORT_TIMEOUT_S)
-                self.cancel_notices(tickets)
-            except (TimeoutError, RayError):  # the board restarting or slow: post again next period
+                # asyncio.wait, not wait_for: cancelling this task (replica or event loop shutting down) must not
+                # wait for a Ray reply to acknowledge its own cancellation (wait_for hung there in CI)
+                reply = asyncio.wrap_future(board.report.remote(self.replica_id, self.load(), seen).future())
+                done, _ = await asyncio.wait([reply], timeout=REPORT_TIMEOUT_S)
+                if done:
+                    seen, tickets = reply.result()
+                    self.cancel_notices(tickets)
+            except RayError:  # the board restarting: post again next period
                 pass
             except Exception:  # never let the reports stop: the autoscaler and the cancel backstop need them
                 log.exception("posting this replica's load failed")
