@@ -66,9 +66,9 @@ def decode(engine: LLMEngine, group: list[list[int]], params: SamplingParams, re
             generated += len(out.new_token_ids)
             if record is not None and out.step:
                 record["steps"] += 1
-                record["layouts"][out.step["drafted"]] = record["layouts"].get(out.step["drafted"], 0) + 1
-                if out.step["drafted"]:
-                    record["verifies"].append((out.step["drafted"], out.step["accepted"]))
+                record["layouts"][out.step.drafted] = record["layouts"].get(out.step.drafted, 0) + 1
+                if out.step.drafted:
+                    record["verifies"].append((out.step.drafted, out.step.accepted))
     return generated, time.perf_counter() - start
 
 
