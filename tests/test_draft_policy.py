@@ -39,8 +39,8 @@ def test_cold_start_probes_learn_acceptance_and_switch_to_drafting():
         rule = policy.choose(1)
         if rule is not None and drafted is not None:  # this step verifies last step's drafts: all accepted
             verifies = [(drafted, drafted)]
-        else:
-            verifies = [(0, 0)] if rule is not None else []
+        else:  # as the engine reports a step without drafts to verify (AR, or a layout's first step)
+            verifies = [(0, 0)]
         policy.observe(slots(rule, False), step_time(slots(rule, False)), verifies)
         drafted = rule.block_size if rule is not None else None
         if rule is not None and step > 40 and policy.choose(1) is not None:
@@ -113,6 +113,58 @@ def test_ar_is_judged_by_its_measured_step_time():
     assert policy.step_time(1) > 1.08 * ar_cost
     policy.since_tidar = 0
     assert policy.choose(1) is not None
+
+
+def run_closed_loop(policy, steps, cost, accepted):
+    """Batch-1 decode on a simulated machine with level-0 layouts: a step drafting by `rule` costs
+    cost(slots, drafting) seconds, verifies the drafts the step before proposed (accepting min(offered,
+    accepted)) and proposes K - kept more, as level 0 does. Returns per step (rule, seconds, tokens committed)."""
+    trace, proposed = [], 0
+    for _ in range(steps):
+        rule = policy.choose(1)
+        offered = min(proposed, rule.block_size) if rule is not None else 0
+        n = slots(rule, False)
+        seconds, kept = cost(n, rule is not None), min(offered, accepted)
+        policy.observe(n, seconds, [(offered, kept)])
+        trace.append((rule, seconds, kept + 1))
+        proposed = rule.block_size - kept if rule is not None else 0
+    return trace
+
+
+def test_a_layout_the_model_overrates_stops_on_what_it_realizes():
+    """The model (acceptance learnt where two drafts of four passed, a fit without the drafting steps' own
+    cost) promises 1.8x AR; the machine gives 2 tokens in 0.009 s against AR's 1 in 0.0043 s. The policy
+    drafts by that layout for MIN_REALIZED + 1 steps, then bars it while the model still promises the win;
+    over 2,000 steps, every retry included, the run stays within 2% of AR's tokens per second."""
+    ar_cost = 0.0043
+    cost = lambda n, drafting: 0.004 + 0.0003 * n + (0.002 if drafting else 0.0)
+    policy = AdaptivePolicy(TidarConfig(block_size=4, levels=(0,)), budget=100_000)
+    feed(policy, lambda n: 0.004 + 0.0003 * n, acceptance=0.5, k=4)
+    first = run_closed_loop(policy, 30, cost, accepted=1)
+    streak = [rule for rule, _, _ in first[: next(i for i, (r, _, _) in enumerate(first) if r is None)]]
+    assert streak and all(r == streak[0] for r in streak) and len(streak) == draft_policy.MIN_REALIZED + 1
+    key = (1, streak[0].block_size, streak[0].levels)
+    assert key in policy.barred
+    model = policy.expected_tokens(policy.expected_drafts(streak[0])) / policy.step_time(slots(streak[0], False))
+    assert model > (1 + draft_policy.DRAFT_MARGIN) / policy.ar_seconds[1]  # the model alone would draft on
+
+    trace = first + run_closed_loop(policy, 2000, cost, accepted=1)
+    rate = sum(t for _, _, t in trace) / sum(s for _, s, _ in trace)
+    assert rate >= 0.98 / ar_cost
+    assert policy.barred[key][1] > draft_policy.BAR_STEPS  # it lost again after its bar ended: a longer bar
+
+
+def test_a_layout_that_realizes_a_small_gain_keeps_drafting():
+    """Where a layout measures 1.04x AR (above REALIZED_MARGIN, below the model's DRAFT_MARGIN) it stays:
+    what it realizes, not the model, keeps it."""
+    cost = lambda n, drafting: 0.004 + 0.0003 * n + (0.0025 if drafting else 0.0)  # K = 2: 2 tokens in 0.0083 s
+    policy = AdaptivePolicy(TidarConfig(block_size=2, levels=(0,)), budget=100_000)
+    feed(policy, lambda n: 0.004 + 0.0003 * n, acceptance=0.5, k=2)  # the model: 1.5x AR
+    trace = run_closed_loop(policy, 600, cost, accepted=1)
+    drafting = [rule for rule, _, _ in trace[100:] if rule is not None]
+    assert len(drafting) == 500 and not policy.barred
+    rows = policy.explain(1)
+    assert rows[1]["measured"] and 1.02 < rows[1]["tokens_per_time"] / rows[0]["tokens_per_time"] < 1.1
 
 
 def test_cheap_prefill_tokens_do_not_make_drafting_look_cheap():

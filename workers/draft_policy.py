@@ -11,17 +11,24 @@ AR (E = 1, one slot) included, but drafts only where that beats AR by DRAFT_MARG
 the serving processes share the CPU, so a layout the model puts a few percent above AR often ran below it
 (end to end at c = 8, one run in three drafted and lost 12%). AR's own step time is measured (a moving mean
 of plain AR steps per batch size), not fitted: the fit's constant carries the work drafting steps do off the
-forward, which made AR look ~20% dearer than it was. The candidates lower the number of levels
-first, then K. AR steps
-teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then (two steps: one
-proposes drafts, the next verifies them), half as often each time drafting still loses at the batch size
+forward, which made AR look ~20% dearer than it was. The candidates lower the number of levels first,
+then K. AR steps teach it nothing about acceptance, so it retries the cheapest TiDAR layout now and then
+(two steps: one proposes drafts, the next verifies them), half as often each time drafting still loses at the batch size
 of the probe. A probe drafts for at most PROBE_REQUESTS of the step's requests (`width`), the rest decode
 as AR: drafting the whole batch made a probe at batch 32 two steps of about 3x the AR cost, and in process
 TiDAR ran ~3% below AR at c = 32, most of it in probes. A falling load needs no probe: `choose` decides from the
-acceptance already learnt. A static schedule (explicit rules by batch size) is also available.
+acceptance already learnt. The model decides what to try; what a layout realizes decides whether it stays:
+once a layout has drafted for the whole batch MIN_REALIZED times at a batch size, it is judged by its
+measured tokens per second there (committed tokens over step time, moving means) against AR's, measured at
+the same batch size (a few AR steps are run first where none were): a layout that does not beat AR by
+REALIZED_MARGIN is barred at that batch size for BAR_STEPS steps, twice as long each time it loses again.
+In process at c = 1 the model alone drafted on a fifth of one run's steps and lost 7%.
+A static schedule (explicit rules by batch size) is also available.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from workers.config import DraftRule, TidarConfig
 
@@ -29,6 +36,11 @@ NEVER = 1 << 30
 PROBE_REQUESTS = 2  # requests a probe drafts for; a few acceptance samples per probe are enough
 DRAFT_MARGIN = 0.10  # drafting must promise this much more than AR's tokens per second to be chosen
 AR_RATE = 0.1  # weight of a new measured AR step time in its moving mean
+MIN_REALIZED = 8  # whole-batch steps of a layout before its measured rate, not the model, judges it
+AR_SAMPLES = 4  # AR steps measured at a batch size before a measured layout is judged against them
+REALIZED_MARGIN = 0.02  # a measured layout must beat AR's measured tokens per second by this much to stay
+BAR_STEPS = 256  # steps a layout that lost is not tried at that batch size (doubling per loss, to MAX_BAR_STEPS)
+MAX_BAR_STEPS = 16384
 
 
 def ladder(block_size: int, levels: tuple[int, ...]) -> list[DraftRule]:
@@ -52,6 +64,27 @@ def slots(rule: DraftRule | None, two_forward: bool) -> int:
     if two_forward:  # verify pass + draft pass [anchor, K+1 masks]
         return (rule.block_size + 1) + (rule.block_size + 2)
     return (rule.block_size + 1) * (len(rule.levels) + 1)
+
+
+@dataclass
+class Realized:
+    """What one layout gave at one batch size, over the steps it drafted for the whole batch."""
+
+    steps: int = 0
+    seconds: float = 0.0  # moving mean of the step time
+    tokens: float = 0.0  # moving mean of the tokens committed per request per step (accepted drafts + 1)
+
+    def add(self, seconds: float, tokens: float) -> None:
+        self.steps += 1
+        rate = max(AR_RATE, 1.0 / self.steps)  # a running mean over the first 1 / AR_RATE steps
+        self.seconds += rate * (seconds - self.seconds)
+        self.tokens += rate * (tokens - self.tokens)
+
+    def tokens_per_second(self, batch: int) -> float:
+        return batch * self.tokens / max(self.seconds, 1e-12)
+
+
+Key = tuple[int, int, tuple[int, ...]]  # (batch, K, levels)
 
 
 class StaticSchedule:
@@ -93,7 +126,14 @@ class AdaptivePolicy:
         self.probe_batch = 1  # batch size of the current probe
         self.width: int | None = None  # how many of the step's requests the chosen rule is for (None: all)
         self.ar_seconds: dict[int, float] = {}  # batch -> measured time of a plain AR decode step (moving mean)
+        self.ar_steps: dict[int, int] = {}  # batch -> AR steps measured
+        self.ar_asked: dict[int, int] = {}  # batch -> AR steps run to measure AR for a verdict
         self.chose_ar = False  # the last choice, which the next observed step ran
+        self.last: tuple[int, DraftRule | None, int | None] = (0, None, None)  # (batch, rule, width) of that choice
+        self.realized: dict[Key, Realized] = {}  # measured whole-batch drafting per (batch, layout)
+        self.barred: dict[Key, tuple[int, int]] = {}  # (batch, layout) -> (barred until step, bar length)
+        self.steps = 0  # steps observed
+        self._ran: Key | None = None  # the layout the last observed step drafted by for its whole batch
         self._expected: tuple[tuple[float, ...], list[float]] | None = None  # (acceptance, tokens per candidate)
 
     def step_time(self, num_slots: int) -> float:
@@ -134,25 +174,38 @@ class AdaptivePolicy:
         return total
 
     def explain(self, batch: int, budget: int | None = None) -> list[dict]:
-        """Expected tokens per second (in units of the fitted step time) for every candidate that fits."""
+        """Tokens per second for AR and every candidate that fits and is not barred: measured where the layout
+        has run for the whole batch at this batch size (MIN_REALIZED steps), else expected by the model."""
         budget = self.budget if budget is None else budget
         ar_time = self.ar_seconds.get(batch) or self.step_time(batch)  # measured where AR ran at this batch
-        rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0, "tokens_per_time": batch / max(ar_time, 1e-12)}]
+        rows = [{"block_size": 0, "levels": [], "expected_tokens": 1.0, "tokens_per_time": batch / max(ar_time, 1e-12),
+                 "measured": batch in self.ar_seconds}]
         accept = tuple(self.accept)
         if self._expected is None or self._expected[0] != accept:  # every step asks; acceptance moves on verifies
             self._expected = (accept, [self.expected_tokens(self.expected_drafts(c)) for c in self.candidates])
         for c, e in zip(self.candidates, self._expected[1], strict=True):
-            if batch * slots(c, self.two_forward) > budget:
+            key = (batch, c.block_size, c.levels)
+            if batch * slots(c, self.two_forward) > budget or self.barred.get(key, (0, 0))[0] > self.steps:
+                continue
+            seen = self.realized.get(key)
+            if seen is not None and seen.steps >= MIN_REALIZED:  # measured here: what it gave, not the model
+                rows.append({"block_size": c.block_size, "levels": list(c.levels), "expected_tokens": seen.tokens,
+                             "tokens_per_time": seen.tokens_per_second(batch), "measured": True})
                 continue
             rows.append({"block_size": c.block_size, "levels": list(c.levels), "expected_tokens": e,
-                         "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12)})
+                         "tokens_per_time": batch * e / max(self.step_time(batch * slots(c, self.two_forward)), 1e-12),
+                         "measured": False})
         return rows
 
     @staticmethod
     def best(rows: list[dict]) -> dict:
-        """Of `explain`'s rows (AR first), the best drafting layout if it beats AR by DRAFT_MARGIN, else AR."""
-        ar, drafting = rows[0], max(rows[1:], key=lambda r: r["tokens_per_time"], default=None)
-        if drafting is not None and drafting["tokens_per_time"] >= (1 + DRAFT_MARGIN) * ar["tokens_per_time"]:
+        """Of `explain`'s rows (AR first), the drafting layout with the most tokens per second once its margin
+        over AR is asked (REALIZED_MARGIN where measured, DRAFT_MARGIN where only the model says so), else AR."""
+        def discounted(r: dict) -> float:
+            return r["tokens_per_time"] / (1 + (REALIZED_MARGIN if r["measured"] else DRAFT_MARGIN))
+
+        ar, drafting = rows[0], max(rows[1:], key=discounted, default=None)
+        if drafting is not None and discounted(drafting) >= ar["tokens_per_time"]:
             return drafting
         return ar
 
@@ -161,6 +214,7 @@ class AdaptivePolicy:
         (default: the whole step budget)."""
         rule = self._choose(batch, budget)
         self.chose_ar = rule is None
+        self.last = (batch, rule, self.width)
         return rule
 
     def _choose(self, batch: int, budget: int | None) -> DraftRule | None:
@@ -172,7 +226,12 @@ class AdaptivePolicy:
             self.width = width
             return probes[-1]
         self.exploring, self.probe_left, self.width = False, 0, None
-        best = self.best(self.explain(batch, budget))
+        rows = self.explain(batch, budget)
+        if (any(r["measured"] for r in rows[1:]) and self.ar_steps.get(batch, 0) < AR_SAMPLES
+                and self.ar_asked.get(batch, 0) < 4 * AR_SAMPLES):  # (bounded: prefill may keep AR steps impure)
+            self.ar_asked[batch] = self.ar_asked.get(batch, 0) + 1
+            return None  # a measured layout is judged against AR measured at the same batch size: measure it
+        best = self.best(self._verdicts(batch, rows))
         if best["block_size"] == 0:
             self.since_tidar += 1
             if not probes or self.since_tidar < self.explore_every:
@@ -193,11 +252,14 @@ class AdaptivePolicy:
             # carries drafting steps' work off the forward, which made AR look ~20% dearer than it was)
             prev = self.ar_seconds.get(num_slots)
             self.ar_seconds[num_slots] = seconds if prev is None else prev + AR_RATE * (seconds - prev)
+            self.ar_steps[num_slots] = self.ar_steps.get(num_slots, 0) + 1
         x = (1.0, float(rows), float(num_slots - rows), seconds)
         for i in range(3):
             for j in range(4):
                 self.sums[i][j] = self.DECAY * self.sums[i][j] + x[i] * x[j]
         self._fit = None
+        self.steps += 1
+        self._judge(num_slots == rows, seconds, verifies)
         for offered, accepted in verifies:
             for i in range(min(offered, accepted + 1)):  # position i was tried only if all before it passed
                 self.tried[i] += 1
@@ -209,6 +271,31 @@ class AdaptivePolicy:
             lost = self.best(self.explain(self.probe_batch))["block_size"] == 0
             self.explore_every = min(self.explore_every * 2, 1024) if lost else 16
 
+    def _judge(self, decode_only: bool, seconds: float, verifies: list[tuple[int, int]]) -> None:
+        """Record a step that drafted for the whole batch (no prefill beside it) by the same layout as the step
+        before it: what that layout realizes at this batch size."""
+        batch, rule, width = self.last
+        whole = rule is not None and decode_only and len(verifies) == batch and (width is None or width >= batch)
+        key, after = ((batch, rule.block_size, rule.levels) if whole else None), self._ran
+        self._ran = key
+        if key is None or after != key:  # the first step of a layout verifies no drafts of its own: not counted
+            return
+        self.realized.setdefault(key, Realized()).add(seconds, sum(accepted + 1 for _, accepted in verifies) / batch)
+
+    def _verdicts(self, batch: int, rows: list[dict]) -> list[dict]:
+        """`explain`'s rows less the measured layouts that do not beat AR's measured rate by REALIZED_MARGIN:
+        those are barred at this batch size (BAR_STEPS, doubling each time one loses again) and forgotten, so
+        that they are tried afresh when the bar ends (the content or the load may have moved)."""
+        kept = [rows[0]]
+        for r in rows[1:]:
+            if r["measured"] and r["tokens_per_time"] < (1 + REALIZED_MARGIN) * rows[0]["tokens_per_time"]:
+                key = (batch, r["block_size"], tuple(r["levels"]))
+                bar = min(2 * self.barred[key][1], MAX_BAR_STEPS) if key in self.barred else BAR_STEPS
+                self.barred[key] = (self.steps + bar, bar)
+                del self.realized[key]
+            else:
+                kept.append(r)
+        return kept
 
 def solve(sums: list[list[float]], features: tuple[int, ...]) -> list[float] | None:
     """Least squares from decayed normal-equation sums, on a subset of the features: Gaussian elimination
