@@ -14,13 +14,19 @@ excluded, in the same process.
 - "two-forward": K = 16, a verify pass then a draft pass over [anchor, K masks] (tidar.two_forward): drafts
   that know the anchor, for two forwards per step.
 - "adaptive": the engine's default load-aware policy (what `tidal generate` / `tidal serve` do).
+- "k<K>" (e.g. k2), "k<K>-<levels>" (e.g. k4-0+2), "tf<K>" (e.g. tf4): a static small layout on every step,
+  single forward with those levels (default level 0), or two-forward: what each costs against what it is
+  accepted, at the K the adaptive policy chooses among.
 - "AR": plain autoregressive decoding of the same model and prompts: the baseline of every ratio.
+With --rounds N the whole sequence (AR, then every layout) runs N times, interleaved, and the table gives
+each layout's median tokens/s and its TiDAR / AR ratio per round: the machine's drift falls on all alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -41,11 +47,25 @@ LEVELS = (0, 4, 8, 16)
 LAYOUTS = ("levels", "dense", "two-forward", "adaptive")
 
 
+def static_layout(layout: str) -> dict | None:
+    """TidarConfig options of a "k<K>[-<levels>]" or "tf<K>" layout name; None for the named layouts."""
+    two_forward = layout.startswith("tf")
+    spec = layout[2:] if two_forward else layout[1:] if layout.startswith("k") else ""
+    k, _, levels = spec.partition("-")
+    if not k.isdigit():
+        return None
+    lv = tuple(int(x) for x in levels.split("+")) if levels else (0,)
+    return dict(block_size=int(k), levels=lv, two_forward=two_forward,
+                schedule=[dict(max_batch=1024, block_size=int(k), levels=lv)])
+
+
 def engine_for(model: str, mode: str, batch: int, layout: str, tidar: dict) -> LLMEngine:
     if mode == "ar":
         return LLMEngine(EngineConfig(model=model, mode="ar", max_num_seqs=batch, max_num_batched_tokens=8192))
     options = dict(block_size=K, **tidar)
-    if layout in ("dense", "levels"):
+    if static_layout(layout) is not None:
+        options.update(static_layout(layout))
+    elif layout in ("dense", "levels"):
         levels = DENSE if layout == "dense" else LEVELS
         options.update(levels=levels, schedule=[dict(max_batch=1024, block_size=K, levels=levels)])
     elif layout == "two-forward":
@@ -133,7 +153,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/zaya-code-tiny")
     ap.add_argument("--source", default="stdlib", choices=SOURCES, help="prompt files (bench/prompts.py)")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="greedy layouts, from: " + ", ".join(LAYOUTS))
+    ap.add_argument("--layouts", default=",".join(LAYOUTS),
+                    help="greedy layouts, from: " + ", ".join(LAYOUTS) + ", k<K>, k<K>-<l1>+<l2>..., tf<K>")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved repeats; medians are reported")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -146,7 +168,7 @@ def main() -> None:
     probe = LLMEngine(EngineConfig(model=args.model))
     all_prompts = code_prompts(probe.tokenizer, args.prompts, args.context, args.source)
     print(f"model {args.model}; {len(all_prompts)} {args.source} prompts of <= {args.context} tokens; "
-          f"{args.max_tokens} generated; K={K}; 1 thread; second of two passes timed")
+          f"{args.max_tokens} generated; K={K}; 1 thread; second of two passes timed; {args.rounds} round(s)")
     print("| sampler | batch | layout | mean acceptance length | drafting steps | TiDAR tok/s | AR tok/s "
           "| TiDAR / AR |")
     print("|---|---|---|---|---|---|---|---|")
@@ -156,16 +178,24 @@ def main() -> None:
         tidar, temperature = SAMPLERS[name]
         params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, seed=0, ignore_eos=True)
         for b in [int(x) for x in args.batches.split(",")]:
-            ar = measure(args.model, "ar", "", all_prompts, b, params, {})
             layouts = args.layouts.split(",") if name == "greedy" else [l for l in ("levels", "two-forward")
                                                                         if l in args.layouts.split(",")]
-            for layout in layouts:
-                td = measure(args.model, "tidar", layout, all_prompts, b, params, tidar)
-                row = {"sampler": name, "batch": b, "layout": layout, **td, "ar_tok_s": ar["tok_s"],
-                       "speedup": td["tok_s"] / ar["tok_s"]}
+            rounds = []  # per round: AR's tok/s, then each layout's measurement
+            for _ in range(args.rounds):
+                ar = measure(args.model, "ar", "", all_prompts, b, params, {})["tok_s"]
+                rounds.append((ar, [measure(args.model, "tidar", layout, all_prompts, b, params, tidar)
+                                    for layout in layouts]))
+            for i, layout in enumerate(layouts):
+                td = dict(rounds[len(rounds) // 2][1][i])  # acceptance statistics: the middle round's
+                td["tok_s"] = statistics.median(r[1][i]["tok_s"] for r in rounds)
+                ratios = [r[1][i]["tok_s"] / r[0] for r in rounds]
+                row = {"sampler": name, "batch": b, "layout": layout, **td,
+                       "ar_tok_s": statistics.median(r[0] for r in rounds), "speedup": statistics.median(ratios),
+                       "speedup_per_round": [round(x, 3) for x in ratios]}
                 results["rows"].append(row)
                 print(f"| {name} | {b} | {layout} | {td['mean_acceptance_length']:.2f} | "
-                      f"{td['drafting_share']:.0%} | {td['tok_s']:.0f} | {ar['tok_s']:.0f} | {row['speedup']:.2f}x |",
+                      f"{td['drafting_share']:.0%} | {td['tok_s']:.0f} | {row['ar_tok_s']:.0f} | {row['speedup']:.2f}x"
+                      + (f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "") + " |",
                       flush=True)
     for row in results["rows"]:
         if row["layout"] in ("levels", "dense", "two-forward") and row["batch"] == 1:
