@@ -62,9 +62,9 @@ def static_layout(layout: str) -> dict | None:
 def engine_for(model: str, mode: str, batch: int, layout: str, tidar: dict) -> LLMEngine:
     if mode == "ar":
         return LLMEngine(EngineConfig(model=model, mode="ar", max_num_seqs=batch, max_num_batched_tokens=8192))
-    options = dict(block_size=K, **tidar)
-    if static_layout(layout) is not None:
-        options.update(static_layout(layout))
+    options, static = dict(block_size=K, **tidar), static_layout(layout)
+    if static is not None:
+        options.update(static)
     elif layout in ("dense", "levels"):
         levels = DENSE if layout == "dense" else LEVELS
         options.update(levels=levels, schedule=[dict(max_batch=1024, block_size=K, levels=levels)])

@@ -103,7 +103,7 @@ def test_ar_is_judged_by_its_measured_step_time():
     for i in range(300):  # drafting steps of every layout (position 0 always accepted, 1 never) and AR steps
         rule = ladder(4, (0,))[i % 3] if i % 2 else None
         n = slots(rule, False)
-        policy.chose_ar = rule is None
+        policy.last = (1, rule, None)
         policy.observe(n, step_time(n, rule is not None), [(rule.block_size, 1) if rule else (0, 0)])
     assert abs(policy.ar_seconds[1] - ar_cost) < 0.05 * ar_cost
     policy.since_tidar = 0

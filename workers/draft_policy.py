@@ -128,8 +128,8 @@ class AdaptivePolicy:
         self.ar_seconds: dict[int, float] = {}  # batch -> measured time of a plain AR decode step (moving mean)
         self.ar_steps: dict[int, int] = {}  # batch -> AR steps measured
         self.ar_asked: dict[int, int] = {}  # batch -> AR steps run to measure AR for a verdict
-        self.chose_ar = False  # the last choice, which the next observed step ran
-        self.last: tuple[int, DraftRule | None, int | None] = (0, None, None)  # (batch, rule, width) of that choice
+        self.last: tuple[int, DraftRule | None, int | None] = (0, None, None)  # (batch, rule, width) of the last
+        # choice, which the next observed step ran
         self.realized: dict[Key, Realized] = {}  # measured whole-batch drafting per (batch, layout)
         self.barred: dict[Key, tuple[int, int]] = {}  # (batch, layout) -> (barred until step, bar length)
         self.steps = 0  # steps observed
@@ -213,7 +213,6 @@ class AdaptivePolicy:
         """The layout for a step of `batch` decoding requests whose drafting may use `budget` token slots
         (default: the whole step budget)."""
         rule = self._choose(batch, budget)
-        self.chose_ar = rule is None
         self.last = (batch, rule, self.width)
         return rule
 
@@ -247,7 +246,7 @@ class AdaptivePolicy:
         """One finished step: its token slots, its time, (offered, accepted) per request, and how many of
         the slots returned logits (default: all, as in a decode step)."""
         rows = num_slots if logit_rows is None else logit_rows
-        if self.chose_ar and len(verifies) == rows == num_slots and not any(d for d, _ in verifies):
+        if self.last[1] is None and len(verifies) == rows == num_slots and not any(d for d, _ in verifies):
             # a plain AR decode step of num_slots requests: its time measured, not fitted (the fit's constant
             # carries drafting steps' work off the forward, which made AR look ~20% dearer than it was)
             prev = self.ar_seconds.get(num_slots)
@@ -296,6 +295,7 @@ class AdaptivePolicy:
             else:
                 kept.append(r)
         return kept
+
 
 def solve(sums: list[list[float]], features: tuple[int, ...]) -> list[float] | None:
     """Least squares from decayed normal-equation sums, on a subset of the features: Gaussian elimination
