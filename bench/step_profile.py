@@ -7,7 +7,8 @@ Each phase is timed by wrapping the function that owns it (wall clock, one threa
 `build_inputs` (input and mask building), `paged_attention` (attention, all layers), the model's forward and
 its LM / draft heads minus attention (model ops), `tidar.accept` + `tidar.set_drafts` (sampling and
 acceptance; AR steps sample inside `accept` too), and the rest
-of `LLMEngine.step` (scheduling, KV bookkeeping, outputs). TiDAR runs K = 16 drafts with one level-0 block.
+of `LLMEngine.step` (scheduling, KV bookkeeping, outputs). TiDAR runs K = 16 drafts with one level-0 block
+(`--modes ar,tidar:4` for K = 4).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ class PhaseClock:
 
 
 def make_engine(model: str, mode: str, batch: int, prompt_len: int) -> LLMEngine:
-    levels = (0,)
-    tidar_cfg = dict(block_size=16, levels=levels, schedule=[dict(max_batch=10_000, block_size=16, levels=levels)])
+    """`mode`: "ar", "tidar" (K = 16) or "tidar:K"; TiDAR runs one level-0 block of K drafts at every step."""
+    mode, _, k = mode.partition(":")
+    block, levels = int(k or 16), (0,)
+    tidar_cfg = dict(block_size=block, levels=levels, schedule=[dict(max_batch=10_000, block_size=block, levels=levels)])
     engine = LLMEngine(EngineConfig(model=model, mode=mode, max_num_seqs=batch, max_num_batched_tokens=100_000,
                                     kv_cache_bytes=1 << 30, tidar=tidar_cfg))
     g = torch.Generator().manual_seed(0)
