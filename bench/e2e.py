@@ -9,8 +9,9 @@ server, one API and one concurrency c: c client threads each send requests back 
 max_tokens) until max(8, 2c) requests are done. Reported per cell: completion tokens/s over the cell's wall
 time (from `usage`); for streamed chat also the time to the first content chunk (TTFT) and the per-token
 latency after it, (last chunk - first chunk) / (tokens - 1), as p50 / p99. Runs are interleaved (every server
-once per run, started fresh), medians over runs are quoted with their min-max spread, and ratios are taken
-within a run. Fixed threads for every server: one compute thread for the engine (OMP_NUM_THREADS=1 for
+once per run, started fresh) and alternate their order (`run_order`: odd runs take the servers and the APIs
+in reverse, since a server's place in the sequence moved its tokens/s by 5-8% in an A/A check), medians over
+runs are quoted with their min-max spread, and ratios are taken within a run: use an even --runs. Fixed threads for every server: one compute thread for the engine (OMP_NUM_THREADS=1 for
 Tidal, whose Ray actors take it; VLLM_CPU_OMP_THREADS_BIND=0 for vLLM's engine core); everything else (ingress,
 proxy, API server, the client) shares the rest of the machine.
 """
@@ -202,6 +203,13 @@ def in_process(model: str, mode: str, c: int, prompt_ids: list[list[int]], max_t
     return {"tok_s": tokens / (time.perf_counter() - t)}
 
 
+def run_order(run: int, servers: list[str], apis: list[str]) -> tuple[list[str], list[str]]:
+    """The servers and APIs of run `run` in the order they go: as given on even runs, reversed on odd ones, so
+    over an even number of runs each takes every place equally often and the drift of a machine under load
+    falls on all of them alike."""
+    return (servers[::-1], apis[::-1]) if run % 2 else (list(servers), list(apis))
+
+
 def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.0f} ({min(xs):.0f}-{max(xs):.0f})"
 
@@ -280,14 +288,15 @@ def main() -> None:
           f"tokens per request (ignore_eos); servers {servers}; logs in {log_dir}", flush=True)
     rows = []
     for run in range(args.runs):
-        for name in servers:
+        run_servers, run_apis = run_order(run, servers, apis)
+        for name in run_servers:
             kind, flags = ("tidal", variants[name]) if name in variants else (name, "")
             server = Server(kind, args.model, args.port, tuple(args.tidal_args.split() + flags.split()), name)
             server.start(log_dir)
             try:
                 served = _served_name(server)
                 cell(server, served, "completions", 1, prompts, 8)  # warm-up
-                for api in apis:
+                for api in run_apis:
                     for c in levels:
                         r = cell(server, served, api, c, prompts, args.max_tokens)
                         rows.append({"run": run, "server": name, "api": api, "c": c, **r})
