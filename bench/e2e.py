@@ -11,9 +11,10 @@ time (from `usage`); for streamed chat also the time to the first content chunk 
 latency after it, (last chunk - first chunk) / (tokens - 1), as p50 / p99. Runs are interleaved (every server
 once per run, started fresh) and alternate their order (`run_order`: odd runs take the servers and the APIs
 in reverse, since a server's place in the sequence moved its tokens/s by 5-8% in an A/A check), medians over
-runs are quoted with their min-max spread, and ratios are taken within a run: use an even --runs. Fixed threads for every server: one compute thread for the engine (OMP_NUM_THREADS=1 for
-Tidal, whose Ray actors take it; VLLM_CPU_OMP_THREADS_BIND=0 for vLLM's engine core); everything else (ingress,
-proxy, API server, the client) shares the rest of the machine.
+runs are quoted with their min-max spread, and ratios are taken within a run: use an even --runs. Fixed
+threads for every server: one compute thread for the engine (OMP_NUM_THREADS=1 for Tidal, whose Ray actors
+take it; VLLM_CPU_OMP_THREADS_BIND=0 for vLLM's engine core); everything else (ingress, proxy, API server, the
+client) shares the rest of the machine.
 """
 
 from __future__ import annotations

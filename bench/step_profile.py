@@ -55,7 +55,8 @@ def make_engine(model: str, mode: str, batch: int, prompt_len: int) -> LLMEngine
     """`mode`: "ar", "tidar" (K = 16) or "tidar:K"; TiDAR runs one level-0 block of K drafts at every step."""
     mode, _, k = mode.partition(":")
     block, levels = int(k or 16), (0,)
-    tidar_cfg = dict(block_size=block, levels=levels, schedule=[dict(max_batch=10_000, block_size=block, levels=levels)])
+    tidar_cfg = dict(block_size=block, levels=levels,
+                     schedule=[dict(max_batch=10_000, block_size=block, levels=levels)])
     engine = LLMEngine(EngineConfig(model=model, mode=mode, max_num_seqs=batch, max_num_batched_tokens=100_000,
                                     kv_cache_bytes=1 << 30, tidar=tidar_cfg))
     g = torch.Generator().manual_seed(0)
