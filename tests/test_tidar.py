@@ -294,7 +294,7 @@ def test_logprobs_are_the_ar_rows_whether_drafts_are_accepted_or_not(ckpts, fami
     for prompt, (t_tokens, t_entries, _), (a_tokens, a_entries, _) in zip(prompts, tidar, ar, strict=True):
         assert t_tokens == a_tokens == ck.greedy(prompt, 16)
         for t, a in zip(t_entries, a_entries, strict=True):
-            assert t.token_id == a.token_id and math.isclose(t.logprob, a.logprob, abs_tol=1e-5)
+            assert t.token_id == a.token_id and math.isclose(t.logprob, a.logprob, abs_tol=1e-4)
             assert [i for i, _ in t.top] == [i for i, _ in a.top]
         assert_raw_logprobs(ck, prompt, t_tokens, t_entries, top)
 
