@@ -1,12 +1,14 @@
 """Small random HF checkpoints for benchmarks and the placeholder shipped model.
 
     python -m bench.random_model models/zaya-tiny-random --hidden 64 --layers 2
+    python -m bench.random_model /tmp/qwen3-like --like models/zaya-code-tiny   # a Qwen3 to serve beside it
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,11 +59,36 @@ def make_zaya(out_dir: str | Path, hidden: int = 64, layers: int = 2, heads: int
     return out
 
 
+def make_qwen3_like(like: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """A random Qwen3 with `like`'s width, depth, heads, vocabulary and tokenizer, and a dense MLP of as many
+    parameters per layer as `like`'s experts: the same serving workload on the other family (AR only; random
+    weights draft nothing worth accepting)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    src = json.loads((Path(like) / "config.json").read_text())
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+            "eos_token_id", "pad_token_id")
+    mlp = src["moe_intermediate_size"] * src.get("num_experts", 1)
+    cfg = Qwen3Config(intermediate_size=mlp, initializer_range=0.05, **{k: src[k] for k in keep if k in src})
+    out = Path(out_dir)
+    Qwen3ForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(like) / name).is_file():
+            shutil.copy(Path(like) / name, out / name)
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--like", help="write a random Qwen3 shaped like this checkpoint instead (make_qwen3_like)")
     args = ap.parse_args()
-    print(make_zaya(args.out_dir, hidden=args.hidden, layers=args.layers, experts=args.experts))
+    if args.like:
+        print(make_qwen3_like(args.like, args.out_dir))
+    else:
+        print(make_zaya(args.out_dir, hidden=args.hidden, layers=args.layers, experts=args.experts))
