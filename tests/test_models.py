@@ -29,12 +29,12 @@ make_engine = partial(conftest_make_engine, block_size=BLOCK, kv_cache_bytes=1 <
 
 
 def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]],
-          groups: list[int] | None = None) -> list[torch.Tensor]:
+          groups: list[int] | None = None, views: list[int] | None = None) -> list[torch.Tensor]:
     """Feed each sequence's tokens in the given chunks; return the logits of every fed row, per sequence.
 
     seqs[i] = {"tokens": [...], "blocks": [...], "slot": s}; steps[k] = {seq index: tokens fed this step}.
     Every step is one `runner.forward` over all sequences that take part in it, then `runner.commit`.
-    `groups`, when given, receives each step's number of attention groups.
+    `groups` / `views`, when given, receive each step's number of attention groups / of past pieces read in place.
     """
     done = [0] * len(seqs)
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]
@@ -52,6 +52,8 @@ def drive(engine: LLMEngine, seqs: list[dict], steps: list[dict[int, int]],
         engine.runner.commit([len(l.token_ids) - 1 for l in layouts])
         if groups is not None:
             groups.append(len(engine.runner._meta.groups))
+        if views is not None:
+            views.append(sum(len(g.views) for g in engine.runner._meta.groups))
         assert logits.dtype == torch.float32
         assert logits.shape == (sum(step.values()), engine.vocab_size)
         at = 0
@@ -159,6 +161,30 @@ def test_mixed_steps_in_several_attention_groups_match_transformers(ckpt, monkey
     ours = drive(engine, seqs, steps, groups)
     assert max(groups) >= 3, groups
     for tokens, logits in zip((a, b, c), ours, strict=False):
+        assert_logits_match(logits, ckpt.logits(tokens))
+
+
+def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
+    """(e) long runs of consecutive past blocks are attended in place (PastView) and merged with the copied
+    rest by log-sum-exp. Thresholds shrunk to this tiny cache (runs of >= 2 blocks, pieces of <= 3): runs
+    ascending and descending in the table, split into pieces, beside scattered blocks and a partial last
+    block; decodes and short chunks; a request with views shares steps with one without."""
+    import workers.layout
+
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
+    engine = make_engine(ckpt)
+    a, b, c = ckpt.prompt(27, seed=10), ckpt.prompt(22, seed=11), ckpt.prompt(12, seed=12)
+    seqs = [
+        {"tokens": a, "blocks": [3, 4, 5, 6, 7, 0, 9], "slot": 1},  # a 5-block run (two pieces), then scattered
+        {"tokens": b, "blocks": [15, 14, 13, 1, 11, 19], "slot": 3},  # a descending run of 3
+        {"tokens": c, "blocks": [8, 17, 2], "slot": 0},  # no run: always copied
+    ]
+    steps = [{0: 10, 1: 9, 2: 5}, {0: 9, 1: 6, 2: 1}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{0: 5, 1: 4, 2: 3}]
+    views: list[int] = []
+    ours = drive(engine, seqs, steps, views=views)
+    assert sum(v > 0 for v in views) >= 5 and max(views) >= 3, views  # the in-place path ran, in most steps
+    for tokens, logits in zip((a, b, c), ours, strict=True):
         assert_logits_match(logits, ckpt.logits(tokens))
 
 

@@ -342,6 +342,33 @@ def test_greedy_equality_through_preemption(ckpts, family, two_forward):
     assert_engine_idle(engine)
 
 
+@pytest.mark.parametrize("family,two_forward", [("zaya", False), ("zaya", True), ("qwen3", False)])
+def test_greedy_equality_with_the_past_read_in_place(ckpts, family, two_forward, monkeypatch):
+    """TiDAR verify/proposal layouts attended with runs of past blocks read in place (PastView, thresholds
+    shrunk to runs of >= 2 blocks and pieces of <= 3), in a pool small enough that trims and preemption
+    scatter the blocks: greedy output is still transformers'."""
+    import workers.layout
+
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
+    ck = ckpts[family]
+    engine = engine_for(ck, kv_cache_bytes=pool_bytes(ck, 16), tidar=static(4, (0, 2, 4), two_forward))
+    jobs = [(prompt_of(19, 41), 20), (prompt_of(13, 42), 22), (prompt_of(24, 43), 18)]
+    rids = [engine.add_request(p, SamplingParams(max_tokens=n)) for p, n in jobs]
+    reqs = [engine.requests[rid] for rid in rids]
+    outs, views = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id] = out
+        views += sum(len(g.views) for g in engine.runner._meta.groups)
+    assert views >= 10, "the in-place path was meant to run"
+    assert sum(req.stats.preemptions for req in reqs) > 0, "the pool was meant to force preemption"
+    for rid, (prompt, n) in zip(rids, jobs, strict=True):
+        assert outs[rid].output_token_ids == ck.greedy(prompt, n)
+    assert sum(outs[rid].stats.accepted for rid in rids) > 0
+    assert_engine_idle(engine)
+
+
 @pytest.mark.parametrize("family,two_forward", [("zaya", False), ("qwen3_moe", True)])
 def test_greedy_equality_under_the_adaptive_policy(ckpts, family, two_forward):
     """The default draft policy picks K and levels (down to AR) from measured timings, so the layouts

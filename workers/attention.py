@@ -10,6 +10,12 @@ of the pool (block-aligned per request), then gathers [past blocks..., scratch b
 one `index_select` of whole blocks. No per-slot gather and no concatenation: the step copies each past
 block once per layer, and the mask hides the unused slots.
 
+A request's long runs of consecutive past blocks are not copied at all (PastView): at 4k tokens of
+context the copy was over a quarter of a decode step's attention. Each piece is attended in place with its
+own log-sum-exp and merged with the group's part (softmax over a union of key sets is the LSE-weighted
+mix of the softmaxes over each). Only fp32 caches use them: the pieces' scores are plain matmuls, rounded
+to the cache's dtype, where SDPA accumulates bf16 in fp32.
+
 Requests are attended in groups, each a padded batch of its own (`plan_groups`): one padded batch pads
 every request to the longest query and key of the step, so a single 256-token prefill chunk made 31 decode
 rows cost 256 query rows each; served traffic mixes a prefill into nearly every step.
@@ -28,6 +34,16 @@ GROUP_OVERHEAD_CELLS = 4096
 
 
 @dataclass
+class PastView:
+    """Pool blocks [start, start + blocks) of one group member's cached past, read in place."""
+
+    row: int  # the member's row in its group
+    queries: int  # its new tokens
+    start: int
+    blocks: int
+
+
+@dataclass
 class AttentionGroup:
     """Requests attended together as one padded batch; built once per step, used by every layer."""
 
@@ -35,6 +51,7 @@ class AttentionGroup:
     query_valid: torch.Tensor  # [Bg, Qmax] bool
     key_blocks: torch.Tensor  # [Bg, Nb] long: past blocks (padded), then the request's scratch blocks
     mask: torch.Tensor  # [Bg, 1, Qmax, Nb * block_size] bool: True = may attend
+    views: list[PastView] = field(default_factory=list)  # past outside key_blocks, attended in place
     additive: dict = field(default_factory=dict)  # (heads per KV head, dtype) -> the mask as 0 / -inf rows
 
 
@@ -157,9 +174,44 @@ def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     hkv, heads, d = k_cache.shape[2], q.shape[1] // k_cache.shape[2], q.shape[2]
     q_max = g.query_index.shape[1]
     qp = q[g.query_index].view(b, q_max, hkv, heads, d).transpose(1, 2).reshape(b, hkv, q_max * heads, d)
-    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=additive_mask(g, heads, q.dtype), scale=scale)
+    if g.views:
+        out = _attend_with_views(qp, keys, vals, k_cache, v_cache, g, additive_mask(g, heads, q.dtype), heads, scale)
+    else:
+        out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=additive_mask(g, heads, q.dtype), scale=scale)
     out = out.view(b, hkv, q_max, heads, d).transpose(1, 2).reshape(b, q_max, hkv * heads, d)
     return out[g.query_valid]  # rows are row-major, so each request's tokens stay in order
+
+
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       additive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention that also returns each row's log-sum-exp: q [B, H, R, D], k / v [B, H, S, D] ->
+    (out [B, H, R, D], lse [B, H, R, 1])."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if additive is not None:
+        scores.add_(additive)
+    peak = scores.amax(dim=-1, keepdim=True)  # finite: every row sees at least one key
+    weights = scores.sub_(peak).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    return torch.matmul(weights, v).div_(total), total.log_().add_(peak)
+
+
+def _attend_with_views(qp: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, g: AttentionGroup, additive: torch.Tensor, heads: int,
+                       scale: float) -> torch.Tensor:  # [Bg, Hkv, Qmax * heads, D]
+    """The group's gathered keys (qp [Bg, Hkv, Qmax * heads, D], keys / vals [Bg, Hkv, S, D]), then each view
+    of a member's past in place, merged by log-sum-exp."""
+    out, lse = _softmax_attention(qp, keys, vals, scale, additive)
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    for view in g.views:
+        rows = slice(0, view.queries * heads)
+        k = k_cache[view.start : view.start + view.blocks].view(1, -1, hkv, d).transpose(1, 2)  # [1, Hkv, S_v, D]
+        v = v_cache[view.start : view.start + view.blocks].view(1, -1, hkv, d).transpose(1, 2)
+        out_v, lse_v = _softmax_attention(qp[view.row : view.row + 1, :, rows], k, v, scale)
+        o, l = out[view.row : view.row + 1, :, rows], lse[view.row : view.row + 1, :, rows]
+        merged = torch.logaddexp(l, lse_v)
+        o.mul_((l - merged).exp_()).add_(out_v.mul_((lse_v - merged).exp_()))
+        l.copy_(merged)
+    return out
 
 
 def additive_mask(g: AttentionGroup, heads: int, dtype: torch.dtype) -> torch.Tensor:

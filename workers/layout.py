@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attention import AttentionGroup, AttentionMetadata, plan_groups
+from workers.attention import AttentionGroup, AttentionMetadata, PastView, plan_groups
+
+# Past read in place (PastView) instead of copied: runs of at least VIEW_MIN_TOKENS, in pieces of at most
+# VIEW_PIECE_TOKENS, for requests of at most VIEW_MAX_QUERY new tokens (decode and TiDAR steps: their score
+# rows are few, so a piece's scores stay small, and the copy is most of their attention's cost).
+VIEW_MIN_TOKENS = 1024
+VIEW_PIECE_TOKENS = 4096
+VIEW_MAX_QUERY = 128
 
 
 @dataclass
@@ -41,14 +48,37 @@ class StepLayout:
                           [q - 1] if want_logits else [])
 
 
+def past_views(full_blocks: list[int], min_blocks: int, piece_blocks: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Split a request's full past blocks into pool ranges read in place, as (first block, count) pieces, and
+    the blocks left to copy. Every new token sees all of them, so their order does not matter: a run is any
+    set of consecutive block ids, ascending or not in the table (the prefix cache hands blocks back tail first).
+    """
+    views: list[tuple[int, int]] = []
+    rest: list[int] = []
+    ids = sorted(full_blocks)
+    i = 0
+    while i < len(ids):
+        j = i + 1
+        while j < len(ids) and ids[j] == ids[j - 1] + 1:
+            j += 1
+        if j - i >= min_blocks:
+            end = ids[j - 1] + 1
+            views.extend((a, min(piece_blocks, end - a)) for a in range(ids[i], end, piece_blocks))
+        else:
+            rest.extend(ids[i:j])
+        i = j
+    return views, rest
+
+
 def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: list[list[int]], state_slots: list[int],
-                 block_size: int, device, scratch_base: int = 0
+                 block_size: int, device, scratch_base: int = 0, view_past: bool = False
                  ) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flatten per-request layouts into (metadata, input_ids [T], positions [T], logit row indices [N]).
 
-    `scratch_base` is the pool's first scratch block (KVCache.num_blocks). The trainer calls this too (no
-    cached prefix, empty block tables, a pool of scratch blocks only), so training and inference share one
-    definition of masks, positions and CCA branches.
+    `scratch_base` is the pool's first scratch block (KVCache.num_blocks). `view_past`: read long contiguous
+    runs of past blocks in place (PastView) rather than copying them. The trainer calls this too (no cached
+    prefix, empty block tables, a pool of scratch blocks only), so training and inference share one definition
+    of masks, positions and CCA branches.
     """
     dev, bs, b = torch.device(device), block_size, len(layouts)
     q_lens = [len(l.token_ids) for l in layouts]
@@ -63,8 +93,17 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
     q_len_t, start_t = longs(q_lens), longs(offsets[:-1])
     req_of = torch.repeat_interleave(torch.arange(b, device=dev), q_len_t)  # [T]
 
-    # keys: each request's past blocks, then its own block-aligned scratch blocks
-    past_n = [-(-c // bs) for c in computed]
+    # keys: each request's past blocks (less those read in place), then its own block-aligned scratch blocks
+    views: list[list[tuple[int, int]]] = [[] for _ in layouts]
+    past = [t[: -(-c // bs)] for t, c in zip(block_tables, computed, strict=True)]
+    past_len = list(computed)  # tokens in `past`
+    for i, (c, q) in enumerate(zip(computed, q_lens, strict=True)):
+        if view_past and q <= VIEW_MAX_QUERY and c >= VIEW_MIN_TOKENS:
+            full = c // bs
+            views[i], rest = past_views(block_tables[i][:full], VIEW_MIN_TOKENS // bs, VIEW_PIECE_TOKENS // bs)
+            if views[i]:  # the partial last block (if any) stays last, so its unused slots stay masked
+                past[i], past_len[i] = rest + block_tables[i][full : -(-c // bs)], c - (full - len(rest)) * bs
+    past_n = [len(p) for p in past]
     scratch_n = [-(-q // bs) for q in q_lens]
     scratch_at = list(itertools.accumulate(scratch_n, initial=scratch_base))
     scratch_slots = (longs(scratch_at[:-1]) * bs - start_t)[req_of] + torch.arange(total, device=dev)
@@ -77,7 +116,7 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
         query_valid = ar[None, :] < g_q_t[:, None]  # [Bg, Qmax]
         query_index = torch.where(query_valid, longs([offsets[i] for i in members])[:, None] + ar, 0)
         p_blocks, s_blocks = max(past_n[i] for i in members), max(scratch_n[i] for i in members)
-        key_blocks = longs([block_tables[i][:past_n[i]] + [0] * (p_blocks - past_n[i])
+        key_blocks = longs([past[i] + [0] * (p_blocks - past_n[i])
                             + list(range(scratch_at[i], scratch_at[i] + scratch_n[i]))
                             + [scratch_at[i]] * (s_blocks - scratch_n[i]) for i in members])
         cols = torch.arange(s_blocks * bs, device=dev)
@@ -85,12 +124,18 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
         for j, i in enumerate(members):
             if layouts[i].mask is not None:
                 new_mask[j, : q_lens[i], : q_lens[i]] = layouts[i].mask.to(dev)
-        past_valid = torch.arange(p_blocks * bs, device=dev)[None, :] < longs([computed[i] for i in members])[:, None]
+        past_valid = torch.arange(p_blocks * bs, device=dev)[None, :] < longs([past_len[i] for i in members])[:, None]
         mask = torch.cat([past_valid[:, None, :].expand(-1, q_max, -1), new_mask], dim=2)
         mask[~query_valid] = True  # padding rows attend to everything: finite, and their output is dropped
-        return AttentionGroup(query_index, query_valid, key_blocks, mask[:, None])
+        in_place = [PastView(j, q_lens[i], a, n) for j, i in enumerate(members) for a, n in views[i]]
+        return AttentionGroup(query_index, query_valid, key_blocks, mask[:, None], in_place)
 
-    plan = plan_groups(q_lens, [(p + s) * bs for p, s in zip(past_n, scratch_n, strict=False)])
+    # requests with views get groups of their own: only those groups pay for attention with merged pieces
+    key_lens = [(p + s) * bs for p, s in zip(past_n, scratch_n, strict=True)]
+    plan = []
+    for part in ([i for i in range(b) if not views[i]], [i for i in range(b) if views[i]]):
+        if part:
+            plan += [[part[j] for j in g] for g in plan_groups([q_lens[i] for i in part], [key_lens[i] for i in part])]
     groups = [group(members) for members in plan]
     order = None
     if len(plan) > 1:  # concatenated group outputs back to flat order

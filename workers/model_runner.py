@@ -57,7 +57,8 @@ class ModelRunner:
         `num_draft_rows`) are the draft head's (`compute_draft_logits`: the draft output layer when the
         checkpoint has one), before the Markov chain, which the engine walks after verification."""
         meta, input_ids, positions, rows = build_inputs(layouts, computed, block_tables, state_slots,
-                                                        self.block_size, self.device, self.kv.num_blocks)
+                                                        self.block_size, self.device, self.kv.num_blocks,
+                                                        view_past=self.kv.k[0].dtype == torch.float32)
         if meta.scratch_blocks > self.kv.scratch_blocks:
             raise ValueError(f"a step of {len(input_ids)} tokens needs {meta.scratch_blocks} scratch KV blocks; "
                              f"the runner has {self.kv.scratch_blocks} (raise max_step_tokens)")
