@@ -173,6 +173,7 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
 
     monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
     monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_STEP_TOKENS", 2 * BLOCK)
     engine = make_engine(ckpt)
     a, b, c = ckpt.prompt(27, seed=10), ckpt.prompt(22, seed=11), ckpt.prompt(12, seed=12)
     seqs = [
@@ -186,6 +187,22 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
     assert sum(v > 0 for v in views) >= 5 and max(views) >= 3, views  # the in-place path ran, in most steps
     for tokens, logits in zip((a, b, c), ours, strict=True):
         assert_logits_match(logits, ckpt.logits(tokens))
+
+
+def test_attention_with_log_sum_exp_equals_torch():
+    """The portable attention that merges in-place pieces (and attends whole groups off CPU) equals torch's
+    SDPA, and its log-sum-exp torch.logsumexp of the same scores, masked rows included."""
+    from workers.attention import _softmax_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((3, 2, 5, 64), (3, 2, 40, 64), (3, 2, 40, 64)))
+    keep = torch.rand(3, 1, 5, 40, generator=g) > 0.5
+    keep[..., 0] = True  # every row sees a key
+    additive = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
+    out, lse = _softmax_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, 0.125, additive)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                                                                      scale=0.125))
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.125 + additive, -1, keepdim=True))
 
 
 def test_single_token_prompt_matches_transformers(ckpt):

@@ -351,6 +351,7 @@ def test_greedy_equality_with_the_past_read_in_place(ckpts, family, two_forward,
 
     monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
     monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_STEP_TOKENS", 2 * BLOCK)
     ck = ckpts[family]
     engine = engine_for(ck, kv_cache_bytes=pool_bytes(ck, 16), tidar=static(4, (0, 2, 4), two_forward))
     jobs = [(prompt_of(19, 41), 20), (prompt_of(13, 42), 22), (prompt_of(24, 43), 18)]

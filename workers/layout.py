@@ -15,10 +15,14 @@ from workers.attention import AttentionGroup, AttentionMetadata, PastView, plan_
 
 # Past read in place (PastView) instead of copied: runs of at least VIEW_MIN_TOKENS, in pieces of at most
 # VIEW_PIECE_TOKENS, for requests of at most VIEW_MAX_QUERY new tokens (decode and TiDAR steps: their score
-# rows are few, so a piece's scores stay small, and the copy is most of their attention's cost).
+# rows are few, so a piece's scores stay small, and the copy is most of their attention's cost), and only
+# when the step would read at least VIEW_MIN_STEP_TOKENS so: below that, copy + SDPA is as fast or faster
+# (the copy stays in cache, and each piece costs a dozen small ops a layer). Measured: bench.vllm_compare
+# --contexts; docs/benchmarks.md, "Step time vs context length".
 VIEW_MIN_TOKENS = 1024
 VIEW_PIECE_TOKENS = 4096
 VIEW_MAX_QUERY = 128
+VIEW_MIN_STEP_TOKENS = 16384
 
 
 @dataclass
@@ -95,14 +99,17 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
 
     # keys: each request's past blocks (less those read in place), then its own block-aligned scratch blocks
     views: list[list[tuple[int, int]]] = [[] for _ in layouts]
-    past = [t[: -(-c // bs)] for t, c in zip(block_tables, computed, strict=True)]
-    past_len = list(computed)  # tokens in `past`
+    rest: dict[int, list[int]] = {}  # full past blocks left to copy, of requests with views
     for i, (c, q) in enumerate(zip(computed, q_lens, strict=True)):
         if view_past and q <= VIEW_MAX_QUERY and c >= VIEW_MIN_TOKENS:
-            full = c // bs
-            views[i], rest = past_views(block_tables[i][:full], VIEW_MIN_TOKENS // bs, VIEW_PIECE_TOKENS // bs)
-            if views[i]:  # the partial last block (if any) stays last, so its unused slots stay masked
-                past[i], past_len[i] = rest + block_tables[i][full : -(-c // bs)], c - (full - len(rest)) * bs
+            views[i], rest[i] = past_views(block_tables[i][: c // bs], VIEW_MIN_TOKENS // bs, VIEW_PIECE_TOKENS // bs)
+    if sum(n for v in views for _, n in v) * bs < VIEW_MIN_STEP_TOKENS:
+        views = [[] for _ in layouts]
+    past, past_len = [], []  # blocks to copy (a partial last block stays last, its unused slots masked), tokens
+    for i, (t, c) in enumerate(zip(block_tables, computed, strict=True)):
+        full = c // bs
+        past.append(rest[i] + t[full : -(-c // bs)] if views[i] else t[: -(-c // bs)])
+        past_len.append(c - (full - len(rest[i])) * bs if views[i] else c)
     past_n = [len(p) for p in past]
     scratch_n = [-(-q // bs) for q in q_lens]
     scratch_at = list(itertools.accumulate(scratch_n, initial=scratch_base))
