@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import pytest
 import torch
 from conftest import make_engine as conftest_make_engine
 from transformers import AutoModelForCausalLM
@@ -189,17 +190,19 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
         assert_logits_match(logits, ckpt.logits(tokens))
 
 
-def test_attention_with_log_sum_exp_equals_torch():
-    """The portable attention that merges in-place pieces (and attends whole groups off CPU) equals torch's
-    SDPA, and its log-sum-exp torch.logsumexp of the same scores, masked rows included."""
-    from workers.attention import _softmax_attention
+@pytest.mark.parametrize("kernel", ["portable", "cpu_flash"])
+def test_attention_with_log_sum_exp_equals_torch(kernel):
+    """Both kernels that attend with a log-sum-exp (the portable one used off CPU, SDPA's CPU flash kernel on
+    CPU) equal torch's SDPA on strided keys, and the log-sum-exp is torch.logsumexp of the same scores."""
+    from workers.attention import _attention_with_lse, _softmax_attention
 
+    attend = _softmax_attention if kernel == "portable" else _attention_with_lse
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=g) for shape in ((3, 2, 5, 64), (3, 2, 40, 64), (3, 2, 40, 64)))
     keep = torch.rand(3, 1, 5, 40, generator=g) > 0.5
     keep[..., 0] = True  # every row sees a key
     additive = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
-    out, lse = _softmax_attention(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, 0.125, additive)
+    out, lse = attend(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, 0.125, additive)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep,
                                                                                       scale=0.125))
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) * 0.125 + additive, -1, keepdim=True))

@@ -195,24 +195,28 @@ def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return torch.matmul(weights, v).div_(total), total.log_().add_(peak)
 
 
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        additive: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_softmax_attention's contract; on CPU through SDPA's CPU flash kernel, which returns the log-sum-exp
+    too: the hand matmuls ran 3x slower on gathered [Bg, S, Hkv, D] buffers and 15-30% slower on pieces."""
+    if q.device.type != "cpu":
+        return _softmax_attention(q, k, v, scale, additive)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
+    return out, lse.unsqueeze(-1)
+
+
 def _attend_with_views(qp: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, g: AttentionGroup, additive: torch.Tensor, heads: int,
                        scale: float) -> torch.Tensor:  # [Bg, Hkv, Qmax * heads, D]
     """The group's gathered keys (qp [Bg, Hkv, Qmax * heads, D], keys / vals [Bg, Hkv, S, D]), then each view
     of a member's past in place, merged by log-sum-exp."""
-    if qp.device.type == "cpu":  # SDPA's CPU kernel, which also gives the log-sum-exp: the matmuls below run
-        # 3x slower on the gathered [Bg, S, Hkv, D] buffers, and a fragmented request leaves a long gathered rest
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qp, keys, vals, attn_mask=additive,
-                                                                              scale=scale)
-        lse = lse.unsqueeze(-1)
-    else:
-        out, lse = _softmax_attention(qp, keys, vals, scale, additive)
+    out, lse = _attention_with_lse(qp, keys, vals, scale, additive)
     hkv, d = k_cache.shape[2], k_cache.shape[3]
     for view in g.views:
         rows = slice(0, view.queries * heads)
         k = k_cache[view.start : view.start + view.blocks].view(1, -1, hkv, d).transpose(1, 2)  # [1, Hkv, S_v, D]
         v = v_cache[view.start : view.start + view.blocks].view(1, -1, hkv, d).transpose(1, 2)
-        out_v, lse_v = _softmax_attention(qp[view.row : view.row + 1, :, rows], k, v, scale)
+        out_v, lse_v = _attention_with_lse(qp[view.row : view.row + 1, :, rows], k, v, scale)
         o, l = out[view.row : view.row + 1, :, rows], lse[view.row : view.row + 1, :, rows]
         merged = torch.logaddexp(l, lse_v)
         o.mul_((l - merged).exp_()).add_(out_v.mul_((lse_v - merged).exp_()))
