@@ -13,8 +13,8 @@ block once per layer, and the mask hides the unused slots.
 A request's long runs of consecutive past blocks are not copied at all (PastView): at 4k tokens of
 context the copy was over a quarter of a decode step's attention. Each piece is attended in place with its
 own log-sum-exp and merged with the group's part (softmax over a union of key sets is the LSE-weighted
-mix of the softmaxes over each). Only fp32 caches use them: the pieces' scores are plain matmuls, rounded
-to the cache's dtype, where SDPA accumulates bf16 in fp32.
+mix of the softmaxes over each). On CPU both parts run SDPA's CPU flash kernel, which returns the log-sum-exp;
+elsewhere plain matmuls, whose scores round to the cache's dtype, so only fp32 caches use views.
 
 Requests are attended in groups, each a padded batch of its own (`plan_groups`): one padded batch pads
 every request to the longest query and key of the step, so a single 256-token prefill chunk made 31 decode
