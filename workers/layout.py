@@ -100,9 +100,13 @@ def build_inputs(layouts: list[StepLayout], computed: list[int], block_tables: l
     # keys: each request's past blocks (less those read in place), then its own block-aligned scratch blocks
     views: list[list[tuple[int, int]]] = [[] for _ in layouts]
     rest: dict[int, list[int]] = {}  # full past blocks left to copy, of requests with views
-    for i, (c, q) in enumerate(zip(computed, q_lens, strict=True)):
-        if view_past and q <= VIEW_MAX_QUERY and c >= VIEW_MIN_TOKENS:
-            views[i], rest[i] = past_views(block_tables[i][: c // bs], VIEW_MIN_TOKENS // bs, VIEW_PIECE_TOKENS // bs)
+    viewable = [i for i, (c, q) in enumerate(zip(computed, q_lens, strict=True))
+                if view_past and q <= VIEW_MAX_QUERY and c >= VIEW_MIN_TOKENS]
+    if sum(computed[i] for i in viewable) < VIEW_MIN_STEP_TOKENS:  # an upper bound: skip the block scan
+        viewable = []
+    for i in viewable:
+        views[i], rest[i] = past_views(block_tables[i][: computed[i] // bs], VIEW_MIN_TOKENS // bs,
+                                       VIEW_PIECE_TOKENS // bs)
     if sum(n for v in views for _, n in v) * bs < VIEW_MIN_STEP_TOKENS:
         views = [[] for _ in layouts]
     past, past_len = [], []  # blocks to copy (a partial last block stays last, its unused slots masked), tokens
