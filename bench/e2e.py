@@ -1,5 +1,6 @@
 """End to end, as a user meets it: `tidal serve` (TiDAR default, and --mode ar) and `vllm serve` on the same
-weights, driven by the official openai client, plus the in-process engine on the same prompts.
+weights, driven by the official openai client, plus each server's engine in process on the same prompts
+(our engine in either mode, and vLLM's through workers.vllm_backend), so served / in-process reads for all.
 
     python -m bench.e2e [--model models/zaya-code-tiny] [--servers tidal,tidal-ar,vllm] [--concurrency 1,8,32,64]
                         [--apis completions,chat-stream] [--runs 3] [--max-tokens 96] [--json out.json]
@@ -185,15 +186,31 @@ def percentiles(xs: list[float]) -> dict | None:
     return {"p50": 1000 * statistics.median(xs), "p99": 1000 * xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]}
 
 
-def in_process(model: str, mode: str, c: int, prompt_ids: list[list[int]], max_tokens: int) -> dict:
-    """The engine alone, closed loop at concurrency c on the same prompts (one torch thread)."""
-    from workers.config import EngineConfig, SamplingParams
-    from workers.engine import LLMEngine
+# the in-process row beside each server: the same engine (backend and mode) driven by a plain loop
+IN_PROCESS = {"tidal": ("in-process", "native", "tidar"), "tidal-ar": ("in-process-ar", "native", "ar"),
+              "vllm": ("in-process-vllm", "vllm", "ar")}
 
-    engine = LLMEngine(EngineConfig(model=model, mode=mode, max_num_seqs=c))
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    todo = [prompt_ids[i % len(prompt_ids)] for i in range(max(8, 2 * c))]
-    tokens, running, t = 0, 0, time.perf_counter()
+
+def in_process(model: str, backend: str, mode: str, c: int, prompt_ids: list[list[int]], max_tokens: int) -> dict:
+    """The engine alone, closed loop at concurrency c on the same prompts (one torch thread), prefills included,
+    after a short warm-up like the served cells' (a fresh engine's first steps ran at half speed)."""
+    from workers.backends import create_engine
+    from workers.config import EngineConfig, SamplingParams
+
+    engine = create_engine(EngineConfig(model=model, backend=backend, mode=mode, max_num_seqs=c))
+    try:
+        closed_loop(engine, prompt_ids[:8], min(c, 8), SamplingParams(max_tokens=8, ignore_eos=True))
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        t = time.perf_counter()
+        tokens = closed_loop(engine, [prompt_ids[i % len(prompt_ids)] for i in range(max(8, 2 * c))], c, params)
+        return {"tok_s": tokens / (time.perf_counter() - t)}
+    finally:
+        engine.shutdown()
+
+
+def closed_loop(engine, todo: list[list[int]], c: int, params) -> int:
+    """Runs every prompt of `todo` with at most c in flight; returns the tokens generated."""
+    todo, tokens, running = list(todo), 0, 0
     while todo or engine.has_unfinished():
         while todo and running < c:
             engine.add_request(todo.pop(), params)
@@ -201,7 +218,7 @@ def in_process(model: str, mode: str, c: int, prompt_ids: list[list[int]], max_t
         for out in engine.step():
             tokens += len(out.new_token_ids)
             running -= out.finished
-    return {"tok_s": tokens / (time.perf_counter() - t)}
+    return tokens
 
 
 def run_order(run: int, servers: list[str], apis: list[str]) -> tuple[list[str], list[str]]:
@@ -220,9 +237,11 @@ def report(rows: list[dict], servers: list[str], apis: list[str], levels: list[i
     def get(server, api, c, key="tok_s"):
         return [r[key] for r in rows if (r["server"], r["api"], r["c"]) == (server, api, c)]
 
-    pairs = [(a, b) for a, b in (("tidal", "tidal-ar"), ("tidal", "vllm"), ("tidal", "in-process"),
+    in_rows = {r["server"] for r in rows if r["api"] == "in-process"}
+    pairs = [(a, b) for a, b in (("tidal", "tidal-ar"), ("tidal", "vllm"),
+                                 *((s, IN_PROCESS[s][0]) for s in servers if s in IN_PROCESS),
                                  *((v, "tidal") for v in variants))
-             if a in servers and (b in servers or b == "in-process")]
+             if a in servers and (b in servers or b in in_rows)]
     for api in apis:
         print(f"\n{api}: completion tokens/s, median (min-max) of {runs} runs")
         head = "| c | " + " | ".join(servers) + " |" + "".join(f" {a} / {b} |" for a, b in pairs)
@@ -232,7 +251,7 @@ def report(rows: list[dict], servers: list[str], apis: list[str], levels: list[i
             cells = [spread(get(s, api, c)) if get(s, api, c) else "-" for s in servers]
             ratios = []
             for a, b in pairs:
-                xs, ys = get(a, api, c), get(b, "in-process" if b == "in-process" else api, c)
+                xs, ys = get(a, api, c), get(b, "in-process" if b in in_rows else api, c)
                 per_run = [x / y for x, y in zip(xs, ys, strict=False) if y]
                 ratios.append(f"{statistics.median(per_run):.2f}x ({min(per_run):.2f}-{max(per_run):.2f})"
                               if per_run else "-")
@@ -309,9 +328,9 @@ def main() -> None:
 
             torch.set_num_threads(1)
             for c in levels:
-                for mode, name in (("tidar", "in-process"), ("ar", "in-process-ar")):
+                for name, backend, mode in (IN_PROCESS[s] for s in run_servers if s in IN_PROCESS):
                     rows.append({"run": run, "server": name, "api": "in-process", "c": c,
-                                 **in_process(args.model, mode, c, prompt_ids, args.max_tokens)})
+                                 **in_process(args.model, backend, mode, c, prompt_ids, args.max_tokens)})
                     print(json.dumps(rows[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
