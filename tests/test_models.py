@@ -170,12 +170,26 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
     rest by log-sum-exp. Thresholds shrunk to this tiny cache (runs of >= 2 blocks, pieces of <= 3): runs
     ascending and descending in the table, split into pieces, beside scattered blocks and a partial last
     block; decodes and short chunks; a request with views shares steps with one without."""
+    force_views(monkeypatch)
+    prompts, seqs, steps = view_case(ckpt)
+    views: list[int] = []
+    ours = drive(make_engine(ckpt), seqs, steps, views=views)
+    assert sum(v > 0 for v in views) >= 5 and max(views) >= 3, views  # the in-place path ran, in most steps
+    for tokens, logits in zip(prompts, ours, strict=True):
+        assert_logits_match(logits, ckpt.logits(tokens))
+
+
+def force_views(monkeypatch) -> None:
+    """Read-in-place thresholds shrunk to the tiny test cache: runs of >= 2 blocks, pieces of <= 3."""
     import workers.layout
 
     monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
     monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
     monkeypatch.setattr(workers.layout, "VIEW_MIN_STEP_TOKENS", 2 * BLOCK)
-    engine = make_engine(ckpt)
+
+
+def view_case(ckpt) -> tuple[list[list[int]], list[dict], list[dict[int, int]]]:
+    """Three sequences whose block tables hold runs for views, and the steps that feed them."""
     a, b, c = ckpt.prompt(27, seed=10), ckpt.prompt(22, seed=11), ckpt.prompt(12, seed=12)
     seqs = [
         {"tokens": a, "blocks": [3, 4, 5, 6, 7, 0, 9], "slot": 1},  # a 5-block run (two pieces), then scattered
@@ -183,32 +197,20 @@ def test_past_read_in_place_matches_transformers(ckpt, monkeypatch):
         {"tokens": c, "blocks": [8, 17, 2], "slot": 0},  # no run: always copied
     ]
     steps = [{0: 10, 1: 9, 2: 5}, {0: 9, 1: 6, 2: 1}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{0: 5, 1: 4, 2: 3}]
-    views: list[int] = []
-    ours = drive(engine, seqs, steps, views=views)
-    assert sum(v > 0 for v in views) >= 5 and max(views) >= 3, views  # the in-place path ran, in most steps
-    for tokens, logits in zip((a, b, c), ours, strict=True):
-        assert_logits_match(logits, ckpt.logits(tokens))
+    return [a, b, c], seqs, steps
 
 
 def test_past_read_in_place_in_bf16_is_as_close_to_transformers_as_the_copy(ckpt, monkeypatch):
     """bf16 caches read their past in place on CPU too: the same steps as above, with views forced and with
     every block copied, both in bf16. Against transformers' fp32 logits, the in-place read must be as close as
     the copy (bf16 rounding is the error both share; the merge by log-sum-exp runs in fp32)."""
-    import workers.layout
-
-    a, b, c = ckpt.prompt(27, seed=10), ckpt.prompt(22, seed=11), ckpt.prompt(12, seed=12)
-    seqs = [{"tokens": a, "blocks": [3, 4, 5, 6, 7, 0, 9], "slot": 1},
-            {"tokens": b, "blocks": [15, 14, 13, 1, 11, 19], "slot": 3},
-            {"tokens": c, "blocks": [8, 17, 2], "slot": 0}]
-    steps = [{0: 10, 1: 9, 2: 5}, {0: 9, 1: 6, 2: 1}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{0: 5, 1: 4, 2: 3}]
+    prompts, seqs, steps = view_case(ckpt)
     copied = drive(make_engine(ckpt, dtype="bfloat16"), seqs, steps)
-    monkeypatch.setattr(workers.layout, "VIEW_MIN_TOKENS", 2 * BLOCK)
-    monkeypatch.setattr(workers.layout, "VIEW_PIECE_TOKENS", 3 * BLOCK)
-    monkeypatch.setattr(workers.layout, "VIEW_MIN_STEP_TOKENS", 2 * BLOCK)
+    force_views(monkeypatch)
     views: list[int] = []
     in_place = drive(make_engine(ckpt, dtype="bfloat16"), seqs, steps, views=views)
     assert sum(v > 0 for v in views) >= 5, views
-    for tokens, ours, base in zip((a, b, c), in_place, copied, strict=True):
+    for tokens, ours, base in zip(prompts, in_place, copied, strict=True):
         ref = ckpt.logits(tokens)
         err, base_err = (ours.float() - ref).abs().mean(), (base.float() - ref).abs().mean()
         assert err <= 1.25 * base_err + 1e-3, (err, base_err)
